@@ -1,0 +1,55 @@
+"""Recommender: p(yes) for (preference summary, candidate cover + title) from one forward pass.
+
+All candidates of one user go to the backend in one call with the summary first, so backends can
+share the prompt prefix (transformers reuses its KV cache; vLLM uses prefix caching).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from pydantic import BaseModel, Field
+
+from mllm_msr.data.schema import Item
+from mllm_msr.models.base import ChatRequest, ModelBackend
+from mllm_msr.prompts import load_prompt
+
+
+class RecommenderConfig(BaseModel):
+    """How candidates are scored."""
+
+    use_images: bool = Field(True, description="Show the candidate's cover to the MLLM (off: title only).")
+    adapter: str | None = Field("rec", description="LoRA adapter name to score with (None = base model, zero-shot).")
+    prompt: str = Field("recommend", description="Prompt file for candidates with an image.")
+    text_prompt: str = Field("recommend_text", description="Prompt file for candidates without an image.")
+    prompt_dir: str | None = Field(None, description="Folder of prompt files (default: the packaged prompts/).")
+
+
+@dataclass
+class Recommender:
+    backend: ModelBackend
+    cfg: RecommenderConfig
+
+    def __post_init__(self) -> None:
+        self.p_image = load_prompt(self.cfg.prompt, self.cfg.prompt_dir)
+        self.p_text = load_prompt(self.cfg.text_prompt, self.cfg.prompt_dir)
+        self.model_calls = 0
+
+    def request(self, user_summary: str, item: Item, adapter: str | None = None) -> ChatRequest:
+        """The one prompt used at training and at inference (finetune builds its data with this)."""
+        if self.cfg.use_images and item.image_path is not None:
+            return self.p_image.request(item.image_path, adapter=adapter, user_summary=user_summary,
+                                        title=item.title)
+        return self.p_text.request(adapter=adapter, user_summary=user_summary, title=item.title)
+
+    def score(self, user_summary: str, candidates: Sequence[Item]) -> list[float]:
+        if not candidates:
+            return []
+        reqs = [self.request(user_summary, it, self.cfg.adapter) for it in candidates]
+        self.model_calls += len(reqs)
+        return [float(s) for s in self.backend.score_yes_no(reqs)]
+
+    def rank(self, user_summary: str, candidates: Sequence[Item]) -> list[tuple[str, float]]:
+        scores = self.score(user_summary, candidates)
+        return sorted(zip((c.item_id for c in candidates), scores), key=lambda t: -t[1])
+

@@ -1,0 +1,151 @@
+"""Recurrent user memory: the preference summary rewritten block by block (paper Sec. 3.3).
+
+The history is read in chronological blocks (default 3 items); each block's prompt gets the previous
+summary. Every version is stored with its user, step, covered items, prompt version and model id,
+under a key derived from everything it was computed from. So a longer history re-uses all complete
+earlier blocks: one new interaction costs at most one block update, whatever the history length.
+"direct" mode summarises the whole history in one call (the paper's no-recurrence ablation).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal, Mapping, Sequence
+
+from pydantic import BaseModel, Field
+
+from mllm_msr.data.schema import Item
+from mllm_msr.models.base import ModelBackend
+from mllm_msr.prompts import load_prompt, render_items
+from mllm_msr.stores.summaries import ItemSummary, SummaryStore, UserSummaryVersion, digest
+
+EMPTY_SUMMARY = "Nothing yet: this is the user's first block of items."
+
+
+class MemoryConfig(BaseModel):
+    """How user preference summaries are built."""
+
+    mode: Literal["recurrent", "direct"] = Field("recurrent", description="recurrent = block by block (paper); direct = whole history at once (ablation).")
+    block_size: int = Field(3, ge=1, description="Items per block in recurrent mode (paper default 3).")
+    max_new_tokens: int = Field(60, description="Max new tokens per summary.")
+    prompt_dir: str | None = Field(None, description="Folder of prompt files (default: the packaged prompts/).")
+
+
+@dataclass(frozen=True)
+class UserHistory:
+    user_id: str
+    items: tuple[str, ...]        # chronological item ids
+    timestamps: tuple[float, ...]
+
+
+def blocks_of(n: int, size: int) -> list[tuple[int, int]]:
+    """Block boundaries [start, end) over a history of n items; fixed from the start of history."""
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+@dataclass
+class UserMemory:
+    llm: ModelBackend
+    store: SummaryStore
+    cfg: MemoryConfig
+
+    def __post_init__(self) -> None:
+        self.p_block = load_prompt("user_block", self.cfg.prompt_dir)
+        self.p_direct = load_prompt("user_direct", self.cfg.prompt_dir)
+        self.p_feedback = load_prompt("user_feedback", self.cfg.prompt_dir)
+        self.model_calls = 0
+
+    def _lines(self, ids: Sequence[str], catalog: Mapping[str, Item],
+               summaries: Mapping[str, ItemSummary]) -> str:
+        return render_items([(catalog[i].title, summaries[i].summary) for i in ids])
+
+    def update_many(self, histories: Sequence[UserHistory], catalog: Mapping[str, Item],
+                    summaries: Mapping[str, ItemSummary],
+                    progress: Callable[[int], None] | None = None) -> dict[str, UserSummaryVersion]:
+        """Latest summary version per user; all users' step-b blocks go to the model as one batch."""
+        if self.cfg.mode == "direct":
+            return self._direct(histories, catalog, summaries, progress)
+        latest: dict[str, UserSummaryVersion | None] = {h.user_id: None for h in histories}
+        plans = {h.user_id: blocks_of(len(h.items), self.cfg.block_size) for h in histories}
+        by_user = {h.user_id: h for h in histories}
+        n_steps = max((len(p) for p in plans.values()), default=0)
+        for step in range(n_steps):
+            todo: list[tuple[str, str, tuple[str, ...], float]] = []
+            for uid, plan in plans.items():
+                if step >= len(plan):
+                    continue
+                h, (s, e) = by_user[uid], plan[step]
+                prev = latest[uid]
+                block = h.items[s:e]
+                key = digest("user", uid, prev.key if prev else None, [summaries[i].key for i in block],
+                             self.p_block.version, self.llm.model_id)
+                hit = self.store.get_user_version(key)
+                if hit is not None:
+                    latest[uid] = hit
+                    if progress:
+                        progress(1)
+                else:
+                    todo.append((uid, key, block, h.timestamps[e - 1] if h.timestamps else float(e)))
+            if not todo:
+                continue
+            reqs = [self.p_block.request(
+                previous_summary=latest[uid].summary if latest[uid] else EMPTY_SUMMARY,
+                items=self._lines(block, catalog, summaries)) for uid, _, block, _ in todo]
+            outs = self.llm.generate(reqs, max_new_tokens=self.cfg.max_new_tokens)
+            self.model_calls += len(reqs)
+            new = []
+            for (uid, key, block, ts), text in zip(todo, outs):
+                prev = latest[uid]
+                covered = (prev.covered if prev else ()) + tuple(block)
+                v = UserSummaryVersion(uid, step, key, text.strip(), covered, ts, self.p_block.version,
+                                       self.llm.model_id)
+                latest[uid] = v
+                new.append(v)
+            self.store.put_user_versions(new)  # written per step: an interruption keeps finished steps
+            if progress:
+                progress(len(new))
+        return {uid: v for uid, v in latest.items() if v is not None}
+
+    def _direct(self, histories: Sequence[UserHistory], catalog: Mapping[str, Item],
+                summaries: Mapping[str, ItemSummary],
+                progress: Callable[[int], None] | None) -> dict[str, UserSummaryVersion]:
+        out: dict[str, UserSummaryVersion] = {}
+        todo = []
+        for h in histories:
+            if not h.items:
+                continue
+            key = digest("user-direct", h.user_id, [summaries[i].key for i in h.items],
+                         self.p_direct.version, self.llm.model_id)
+            hit = self.store.get_user_version(key)
+            if hit is not None:
+                out[h.user_id] = hit
+            else:
+                todo.append((h, key))
+        if todo:
+            outs = self.llm.generate([self.p_direct.request(items=self._lines(h.items, catalog, summaries))
+                                      for h, _ in todo], max_new_tokens=self.cfg.max_new_tokens)
+            self.model_calls += len(todo)
+            new = [UserSummaryVersion(h.user_id, 0, key, text.strip(), tuple(h.items),
+                                      h.timestamps[-1] if h.timestamps else float(len(h.items)),
+                                      self.p_direct.version, self.llm.model_id)
+                   for (h, key), text in zip(todo, outs)]
+            self.store.put_user_versions(new)
+            out.update({v.user_id: v for v in new})
+        if progress:
+            progress(len(histories))
+        return out
+
+    def fold_feedback(self, current: UserSummaryVersion | None, user_id: str,
+                      feedback: str) -> UserSummaryVersion:
+        """A chat message becomes a new stored summary version (source='feedback')."""
+        prev_text = current.summary if current else EMPTY_SUMMARY
+        text = self.llm.generate([self.p_feedback.request(previous_summary=prev_text, feedback=feedback)],
+                                 max_new_tokens=self.cfg.max_new_tokens)[0].strip()
+        self.model_calls += 1
+        step = (current.step + 1) if current else 0
+        key = digest("user-feedback", user_id, current.key if current else None, feedback,
+                     self.p_feedback.version, self.llm.model_id, time.time())
+        v = UserSummaryVersion(user_id, step, key, text, current.covered if current else (), time.time(),
+                               self.p_feedback.version, self.llm.model_id, source="feedback")
+        self.store.put_user_versions([v])
+        return v

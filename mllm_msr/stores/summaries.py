@@ -1,0 +1,152 @@
+"""Item and user summaries in Chroma, keyed so that nothing is ever summarised twice.
+
+- Item summaries: one record per (content hash of image+text, prompt versions, model id). Editing a
+  prompt or swapping the model changes the key, so exactly what it produced is recomputed.
+- User summaries: one record per (user, step) version with the key of everything it was computed
+  from (previous summary's key, the block's item keys, prompt version, model id), so an unchanged
+  history prefix is a cache hit and a new interaction costs at most one block update.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import chromadb
+from chromadb.api.types import EmbeddingFunction
+from pydantic import BaseModel, Field
+
+from mllm_msr.stores.embeddings import MiniLMEmbedding
+
+ITEMS = "item_summaries"
+USERS = "user_summaries"
+
+
+class StoreConfig(BaseModel):
+    """Where summaries live."""
+
+    path: str = Field("runs/store/chroma", description="Folder of the embedded Chroma PersistentClient.")
+    host: str | None = Field(None, description="Chroma server host; when set, use HttpClient instead of the folder.")
+    port: int = Field(8000, description="Chroma server port (with host).")
+
+
+def digest(*parts: Any) -> str:
+    """Stable short hash of JSON-able parts (cache keys)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def file_digest(path: str | Path | None) -> str:
+    if path is None:
+        return "no-image"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            h.update(chunk)
+    return h.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class ItemSummary:
+    item_id: str
+    key: str
+    summary: str
+    image_description: str
+    text_summary: str
+
+
+@dataclass(frozen=True)
+class UserSummaryVersion:
+    user_id: str
+    step: int
+    key: str
+    summary: str
+    covered: tuple[str, ...]  # item ids folded in so far, chronological
+    timestamp: float
+    prompt_version: str
+    model_id: str
+    source: str = "history"  # or "feedback" (chat)
+
+
+class SummaryStore:
+    """Chroma-backed store; the only place that reads or writes summaries."""
+
+    def __init__(self, cfg: StoreConfig | None = None, *, client: Any = None,
+                 embedding: EmbeddingFunction | None = None) -> None:
+        cfg = cfg or StoreConfig()
+        if client is None:
+            if cfg.host:
+                client = chromadb.HttpClient(host=cfg.host, port=cfg.port)
+            else:
+                Path(cfg.path).mkdir(parents=True, exist_ok=True)
+                client = chromadb.PersistentClient(path=cfg.path)
+        self.client = client
+        self.embedding = embedding or MiniLMEmbedding()
+        meta = {"hnsw:space": "cosine"}
+        self.items = client.get_or_create_collection(ITEMS, embedding_function=self.embedding, metadata=meta)
+        self.users = client.get_or_create_collection(USERS, embedding_function=self.embedding, metadata=meta)
+
+    # ---- items -----------------------------------------------------------------------------
+    def get_items(self, keys: Sequence[str]) -> dict[str, ItemSummary]:
+        if not keys:
+            return {}
+        got = self.items.get(ids=list(dict.fromkeys(keys)), include=["documents", "metadatas"])
+        return {k: ItemSummary(m["item_id"], k, d, m.get("image_description", ""), m.get("text_summary", ""))
+                for k, d, m in zip(got["ids"], got["documents"], got["metadatas"])}
+
+    def put_items(self, summaries: Iterable[ItemSummary], extra: dict[str, Any] | None = None) -> None:
+        rows = list(summaries)
+        if not rows:
+            return
+        self.items.upsert(
+            ids=[s.key for s in rows], documents=[s.summary for s in rows],
+            metadatas=[{"item_id": s.item_id, "image_description": s.image_description,
+                        "text_summary": s.text_summary, **(extra or {})} for s in rows])
+
+    def search_items(self, query: str, n: int, exclude: set[str] = frozenset(),
+                     where: dict[str, Any] | None = None) -> list[tuple[str, float]]:
+        """Item ids most similar to ``query`` (cosine similarity), skipping ``exclude``."""
+        total = self.items.count()
+        if total == 0:
+            return []
+        res = self.items.query(query_texts=[query], n_results=min(total, n + len(exclude) + 8),
+                               where=where, include=["metadatas", "distances"])
+        out, seen = [], set()
+        for m, d in zip(res["metadatas"][0], res["distances"][0]):
+            iid = m["item_id"]
+            if iid in exclude or iid in seen:
+                continue
+            seen.add(iid)
+            out.append((iid, 1.0 - float(d)))
+        return out[:n]
+
+    # ---- users -----------------------------------------------------------------------------
+    def get_user_version(self, key: str) -> UserSummaryVersion | None:
+        got = self.users.get(ids=[key], include=["documents", "metadatas"])
+        if not got["ids"]:
+            return None
+        return self._user_from(got["ids"][0], got["documents"][0], got["metadatas"][0])
+
+    def put_user_versions(self, versions: Iterable[UserSummaryVersion]) -> None:
+        rows = list(versions)
+        if not rows:
+            return
+        self.users.upsert(
+            ids=[v.key for v in rows], documents=[v.summary for v in rows],
+            metadatas=[{"user_id": v.user_id, "step": v.step, "timestamp": v.timestamp,
+                        "covered": json.dumps(list(v.covered)), "n_covered": len(v.covered),
+                        "prompt_version": v.prompt_version, "model_id": v.model_id,
+                        "source": v.source} for v in rows])
+
+    def user_history(self, user_id: str) -> list[UserSummaryVersion]:
+        """Every stored version for a user, by step (then by how much history it covers)."""
+        got = self.users.get(where={"user_id": user_id}, include=["documents", "metadatas"])
+        vs = [self._user_from(k, d, m) for k, d, m in zip(got["ids"], got["documents"], got["metadatas"])]
+        return sorted(vs, key=lambda v: (v.step, len(v.covered), v.timestamp))
+
+    @staticmethod
+    def _user_from(key: str, doc: str, m: dict[str, Any]) -> UserSummaryVersion:
+        return UserSummaryVersion(m["user_id"], int(m["step"]), key, doc, tuple(json.loads(m["covered"])),
+                                  float(m["timestamp"]), m["prompt_version"], m["model_id"],
+                                  m.get("source", "history"))
