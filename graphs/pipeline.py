@@ -1,0 +1,48 @@
+"""The MLLM-MSR pipeline as a LangGraph state machine, one thread per user.
+
+    START → summarize_items → update_memory ─┬─(candidates given)→ recommend → END
+                                              └─(none)→ retrieve ──→ recommend
+"""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from langgraph.graph import END, START, StateGraph
+
+from mllm_msr.graphs.nodes import (Services, make_recommend, make_retrieve, make_summarize_items,
+                                   make_update_memory, needs_retrieval)
+from mllm_msr.graphs.state import RecState
+
+
+def sqlite_checkpointer(path: str | Path) -> Any:
+    """LangGraph's SQLite checkpointer on a file (one thread per user; reopening restores state)."""
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return SqliteSaver(sqlite3.connect(str(path), check_same_thread=False))
+
+
+def build_pipeline_graph(services: Services) -> StateGraph:
+    """The uncompiled builder, for users who want to add or swap nodes before compiling."""
+    g = StateGraph(RecState)
+    g.add_node("summarize_items", make_summarize_items(services))
+    g.add_node("update_memory", make_update_memory(services))
+    g.add_node("retrieve", make_retrieve(services))
+    g.add_node("recommend", make_recommend(services))
+    g.add_edge(START, "summarize_items")
+    g.add_edge("summarize_items", "update_memory")
+    g.add_conditional_edges("update_memory", needs_retrieval, ["retrieve", "recommend"])
+    g.add_edge("retrieve", "recommend")
+    g.add_edge("recommend", END)
+    return g
+
+
+def compile_pipeline(services: Services, checkpointer: Any = None):
+    return build_pipeline_graph(services).compile(checkpointer=checkpointer)
+
+
+def thread(user_id: str) -> dict:
+    """The run config that puts a user's graph state on its own checkpoint thread."""
+    return {"configurable": {"thread_id": f"user:{user_id}"}}

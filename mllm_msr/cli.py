@@ -1,0 +1,217 @@
+"""The `msr` command line (typer). Every command takes ``--config FILE`` and ``--set key=value``."""
+from __future__ import annotations
+
+import difflib
+import fcntl
+import json
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="mllm-msr: multimodal sequential recommendation with (M)LLMs.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: generate the bundled benchmark, inspect any dataset.", no_args_is_help=True)
+prompts_app = typer.Typer(help="Prompt workbench: list, show and diff prompt files.", no_args_is_help=True)
+finetune_app = typer.Typer(help="Alignment (vision stage 1) and LoRA SFT of the recommender.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(prompts_app, name="prompts")
+app.add_typer(finetune_app, name="finetune")
+console = Console()
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (layered over the defaults).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a setting: key.sub=value (repeatable).")
+
+
+def _cfg(config: Optional[Path], sets: Optional[List[str]]):
+    from mllm_msr.config import load_config
+
+    return load_config(config, sets or [])
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One run per run folder: a second concurrent run is refused instead of corrupting the store."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"[red]another msr run is using {run_dir}; wait for it or choose --set run_dir=...[/]")
+            raise typer.Exit(2)
+        yield
+
+
+def _print_metrics(title: str, metrics: dict) -> None:
+    t = Table(title=title)
+    for k in metrics:
+        t.add_column(k)
+    t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in metrics.values()])
+    console.print(t)
+
+
+@data_app.command("synth")
+def data_synth(out: Optional[Path] = typer.Option(None, help="Output folder (default: the cache folder)."),
+               config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Generate the bundled synthetic multimodal benchmark (MicroLens layout), deterministic by seed."""
+    from mllm_msr.data.synth import default_benchmark_dir, generate_benchmark
+
+    cfg = _cfg(config, set_)
+    path = generate_benchmark(out or default_benchmark_dir(cfg.synth), cfg.synth)
+    console.print(f"benchmark written to {path}")
+
+
+@data_app.command("stats")
+def data_stats(dataset: Optional[str] = typer.Argument(None, help="synth | ml-100k | a dataset folder"),
+               config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Load a dataset (validating it) and print its statistics, split sizes and load report."""
+    from mllm_msr.data.protocol import build_splits
+    from mllm_msr.services import load_data
+
+    cfg = _cfg(config, set_)
+    if dataset:
+        cfg = cfg.model_copy(update={"dataset": dataset})
+    ds = load_data(cfg)
+    splits = build_splits(ds, cfg.protocol)
+    stats = {**ds.stats(), "train_examples": len(splits.train), "valid_users": len(splits.valid),
+             "test_users": len(splits.test), "cold_test_items": len(splits.cold_items)}
+    t = Table(title=f"dataset {ds.name}")
+    t.add_column("stat")
+    t.add_column("value")
+    for k, v in stats.items():
+        t.add_row(k, str(v))
+    console.print(t)
+    for reason, n in ds.report.dropped.items():
+        console.print(f"[yellow]dropped {n} × {reason}[/]")
+    for w in ds.report.warnings[:10]:
+        console.print(f"[yellow]  {w}[/]")
+
+
+@app.command("run")
+def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+        users: Optional[int] = typer.Option(None, help="Evaluate at most this many test users."),
+        quiet: bool = typer.Option(False, help="No progress bars.")) -> None:
+    """The main job: summarise items, build user memories, score the test candidates, report metrics."""
+    from mllm_msr.data.protocol import build_splits
+    from mllm_msr.runner import run_cases
+    from mllm_msr.services import build_services, load_data, resolve_adapter
+
+    cfg = resolve_adapter(_cfg(config, set_))
+    run_dir = Path(cfg.run_dir)
+    with run_lock(run_dir):
+        ds = load_data(cfg)
+        splits = build_splits(ds, cfg.protocol)
+        cases = splits.test[: users or cfg.max_test_users or len(splits.test)]
+        console.print(f"dataset {ds.name}: {len(ds.items)} items, {len(cases)} test users × "
+                      f"{len(cases[0].candidates) if cases else 0} candidates; scorer adapter: "
+                      f"{cfg.recommender.adapter or 'none (zero-shot)'}")
+        services = build_services(cfg, ds)
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
+        result = run_cases(services, cases, run_dir, show_progress=not quiet)
+    _print_metrics(f"MLLM-MSR on {ds.name} ({result['users']} test users)", result["metrics"])
+    console.print(f"model calls: {result['model_calls']}  timings: {result['timings_s']}")
+    console.print(f"results in {run_dir}/metrics.json and {run_dir}/scores.jsonl")
+
+
+@app.command("recommend")
+def recommend(user: str = typer.Option(..., "--user", "-u", help="User id."),
+              top: int = typer.Option(10, help="How many items to show."),
+              retrieve: bool = typer.Option(False, help="Retrieve candidates from Chroma instead of the test candidates."),
+              config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """One user's preference summary and top items with scores (runs the LangGraph pipeline)."""
+    from mllm_msr.data.protocol import build_splits
+    from mllm_msr.graphs.pipeline import compile_pipeline, sqlite_checkpointer, thread
+    from mllm_msr.services import build_services, load_data, resolve_adapter
+
+    cfg = resolve_adapter(_cfg(config, set_))
+    ds = load_data(cfg)
+    seqs = ds.sequences()
+    if user not in seqs:
+        console.print(f"[red]unknown user {user!r} in {ds.name} (e.g. {', '.join(list(seqs)[:5])})[/]")
+        raise typer.Exit(2)
+    splits = build_splits(ds, cfg.protocol)
+    case = next((c for c in (*splits.test, *splits.valid) if c.user_id == user), None)
+    if case is not None:
+        history, ts = list(case.history), list(case.history_timestamps)
+    else:
+        history, ts = [i.item_id for i in seqs[user]], [i.timestamp for i in seqs[user]]
+    candidates = [] if (retrieve or case is None) else list(case.candidates)
+    services = build_services(cfg, ds)
+    graph = compile_pipeline(services, sqlite_checkpointer(Path(cfg.run_dir) / "checkpoints.sqlite"))
+    state = graph.invoke({"user_id": user, "history": history, "history_timestamps": ts,
+                          "candidates": candidates}, thread(user))
+    console.print(f"[bold]user {user}[/] — history of {len(history)} items")
+    console.print(f"[bold]preference summary:[/] {state['user_summary']}")
+    t = Table(title="top items")
+    for col in ("rank", "item", "title", "score", "target"):
+        t.add_column(col)
+    positives = {c for c, l in zip(case.candidates, case.labels) if l} if case else set()
+    for r, row in enumerate(state["ranking"][:top], 1):
+        t.add_row(str(r), row["item_id"], row["title"], f"{row['score']:.3f}",
+                  "✓" if row["item_id"] in positives else "")
+    console.print(t)
+
+
+@app.command("config")
+def config_cmd(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+               as_yaml: bool = typer.Option(False, "--yaml", help="Print the effective config as YAML.")) -> None:
+    """Every setting with its default and help (or the effective config as YAML)."""
+    import yaml
+
+    from mllm_msr.config import describe
+
+    if as_yaml:
+        console.print(yaml.safe_dump(_cfg(config, set_).model_dump(), sort_keys=False))
+        return
+    t = Table(title="settings (override with --set key=value or a YAML file)")
+    for col in ("key", "default", "help"):
+        t.add_column(col)
+    for row in describe():
+        t.add_row(*row)
+    console.print(t)
+
+
+@prompts_app.command("list")
+def prompts_list(prompt_dir: Optional[Path] = typer.Option(None, help="Prompt folder.")) -> None:
+    """Prompt files with their version (content hash) and variables."""
+    from mllm_msr.prompts import list_prompts, load_prompt
+
+    t = Table()
+    for col in ("name", "version", "variables", "image", "description"):
+        t.add_column(col)
+    for n in list_prompts(prompt_dir):
+        p = load_prompt(n, prompt_dir)
+        t.add_row(p.name, p.version, ", ".join(p.variables), "yes" if p.image else "", p.description)
+    console.print(t)
+
+
+@prompts_app.command("show")
+def prompts_show(name: str, prompt_dir: Optional[Path] = typer.Option(None, help="Prompt folder.")) -> None:
+    """Print a prompt file."""
+    from mllm_msr.prompts import load_prompt
+
+    p = load_prompt(name, prompt_dir)
+    console.print(f"[bold]{p.key}[/] ({p.path})")
+    console.print(p.path.read_text(encoding="utf-8"), markup=False, highlight=False)
+
+
+@prompts_app.command("diff")
+def prompts_diff(a: Path = typer.Argument(..., help="Prompt file A"), b: Path = typer.Argument(..., help="Prompt file B")) -> None:
+    """Unified diff of two prompt files (e.g. a packaged prompt and your edited copy)."""
+    la = a.read_text(encoding="utf-8").splitlines(keepends=True)
+    lb = b.read_text(encoding="utf-8").splitlines(keepends=True)
+    console.print("".join(difflib.unified_diff(la, lb, str(a), str(b))) or "identical",
+                  markup=False, highlight=False)
+
+
+def main() -> None:  # pragma: no cover
+    logging.basicConfig(level=os.environ.get("MSR_LOG", "WARNING"))
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,68 @@
+"""Build the shared services (dataset, backends, store, agents) from one config."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mllm_msr.agents.item_summarizer import ItemSummarizer
+from mllm_msr.agents.recommender import Recommender
+from mllm_msr.agents.user_memory import UserMemory
+from mllm_msr.config import MSRConfig
+from mllm_msr.data.schema import Dataset
+from mllm_msr.graphs.nodes import Services
+from mllm_msr.models.base import ModelBackend
+from mllm_msr.stores.summaries import SummaryStore
+
+log = logging.getLogger(__name__)
+
+SHIPPED_ADAPTER = Path(__file__).resolve().parent / "weights" / "rec_adapter"
+
+
+def load_data(cfg: MSRConfig) -> Dataset:
+    """The configured dataset; 'synth' generates the bundled benchmark once (cached by config hash)."""
+    from mllm_msr.data.loaders import load_dataset, load_microlens
+    from mllm_msr.data.synth import default_benchmark_dir, generate_benchmark
+
+    if cfg.dataset == "synth":
+        root = generate_benchmark(default_benchmark_dir(cfg.synth), cfg.synth)
+        return load_microlens(root)
+    return load_dataset(cfg.dataset)
+
+
+def resolve_adapter(cfg: MSRConfig) -> MSRConfig:
+    """Attach the shipped LoRA adapter for the embedded default, or fall back to zero-shot."""
+    name = cfg.recommender.adapter
+    if name is None or name in cfg.scorer.adapters:
+        return cfg
+    if cfg.scorer.model == "embedded" and (SHIPPED_ADAPTER / "adapter_config.json").exists():
+        scorer = cfg.scorer.model_copy(update={"adapters": {**cfg.scorer.adapters, name: str(SHIPPED_ADAPTER)}})
+        return cfg.model_copy(update={"scorer": scorer})
+    log.warning("no LoRA adapter %r configured or shipped for %s: scoring zero-shot", name, cfg.scorer.model)
+    return cfg.model_copy(update={"recommender": cfg.recommender.model_copy(update={"adapter": None})})
+
+
+def make_backends(cfg: MSRConfig) -> tuple[ModelBackend, ModelBackend]:
+    """(generator, scorer); one shared instance when both roles use the same model and backend."""
+    from mllm_msr.models.factory import make_backend
+
+    gen_cfg, sc_cfg = cfg.generator, cfg.scorer
+    if gen_cfg.model_dump(exclude={"adapters"}) == sc_cfg.model_dump(exclude={"adapters"}):
+        shared = make_backend(sc_cfg)  # adapters apply per request; generation uses the base model
+        return shared, shared
+    return make_backend(gen_cfg), make_backend(sc_cfg)
+
+
+def build_services(cfg: MSRConfig, dataset: Dataset, *, generator: ModelBackend | None = None,
+                   scorer: ModelBackend | None = None, store: SummaryStore | None = None) -> Services:
+    if generator is None or scorer is None:
+        g, s = make_backends(cfg)
+        generator, scorer = generator or g, scorer or s
+    store = store or SummaryStore(cfg.store)
+    return Services(
+        catalog=dataset.items,
+        summarizer=ItemSummarizer(generator, generator, store, cfg.items),
+        memory=UserMemory(generator, store, cfg.memory),
+        recommender=Recommender(scorer, cfg.recommender),
+        store=store,
+        retrieve_n=cfg.retrieve_n,
+    )
