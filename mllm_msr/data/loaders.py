@@ -1,0 +1,477 @@
+"""Loaders: on-disk layouts → :class:`Dataset`, validated, with every skip counted and reported.
+
+Fatal problems (a required file missing, a wrong header) raise :class:`DataError` naming the
+file, line and field. Bad rows are skipped, counted in ``dataset.report`` and warned about with
+the file and line. Images are only ever read from local folders (never downloaded), must resolve
+inside the dataset root (``../`` and symlink escapes are rejected) and are verified cheaply with
+PIL; an item whose image is unusable keeps ``image_path=None``.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from mllm_msr.data.schema import DataError, Dataset, Interaction, Item, LoadReport
+
+log = logging.getLogger(__name__)
+
+MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+Image.MAX_IMAGE_PIXELS = min(Image.MAX_IMAGE_PIXELS or MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS)
+
+
+# --------------------------------------------------------------------------- helpers
+
+class DataWarning(UserWarning):
+    """A row or file a loader skipped or repaired; the message names the file and line."""
+
+
+def _warn(report: LoadReport, reason: str, message: str) -> None:
+    """Count the skip; warn (up to the report's message cap, so huge files stay quiet)."""
+    shown = len(report.warnings)
+    report.drop(reason, message)
+    if len(report.warnings) > shown:
+        log.warning(message)
+        warnings.warn(message, DataWarning, stacklevel=3)
+
+
+def _require(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"required {what} file is missing", file=path)
+    return path
+
+
+def _read_lines(path: Path, report: LoadReport) -> list[str]:
+    """The file's lines, decoded as UTF-8; undecodable lines use U+FFFD and are reported."""
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out = []
+    for n, b in enumerate(lines, start=1):
+        b = b.rstrip(b"\r")
+        try:
+            out.append(b.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(b.decode("utf-8", errors="replace"))
+            _warn(report, "non_utf8_replaced",
+                  f"{path}:{n}: text is not valid UTF-8; decoded with replacement characters")
+    return out
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def check_image(path: Path, root: Path, report: LoadReport, item_id: str) -> Path | None:
+    """``path`` if it is a readable image inside ``root``; otherwise None, with the reason reported."""
+    try:
+        if ".." in Path(path).parts or not _inside(path, root):
+            _warn(report, "image_path_escape", f"{path}: image of item {item_id!r} resolves outside {root}; ignored")
+            return None
+        if not path.is_file():
+            report.dropped["missing_image"] += 1  # common in real datasets: counted, not warned each
+            return None
+        if path.stat().st_size == 0:
+            _warn(report, "empty_image", f"{path}: image of item {item_id!r} is empty (0 bytes)")
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{w}x{h} pixels")
+                im.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        _warn(report, "image_too_large", f"{path}: image of item {item_id!r} is too large ({e})")
+        return None
+    except Exception as e:  # noqa: BLE001 - any decoder failure means unusable
+        _warn(report, "corrupt_image", f"{path}: image of item {item_id!r} is unreadable ({type(e).__name__}: {e})")
+        return None
+    return path
+
+
+def _find_image(folder: Path, item_id: str, index: dict[str, Path] | None = None) -> Path:
+    """The candidate image file of ``item_id`` in ``folder`` (may not exist)."""
+    if "/" in item_id or "\\" in item_id or item_id == "..":
+        return folder / item_id  # a path, not a file name: check_image rejects any "../"
+    if index is not None and item_id in index:
+        return index[item_id]
+    for ext in IMAGE_EXTENSIONS:
+        p = folder / f"{item_id}{ext}"
+        if p.exists() or p.is_symlink():
+            return p
+    return folder / f"{item_id}.jpg"
+
+
+def _image_index(folder: Path) -> dict[str, Path]:
+    """stem → file for every image-like file in ``folder`` (preferring the usual extensions)."""
+    index: dict[str, Path] = {}
+    if not folder.is_dir():
+        return index
+    rank = {e: n for n, e in enumerate(IMAGE_EXTENSIONS)}
+    for name in sorted(os.listdir(folder)):
+        p = folder / name
+        stem, ext = os.path.splitext(name)
+        prev = index.get(stem)
+        if prev is None or rank.get(ext.lower(), 99) < rank.get(prev.suffix.lower(), 99):
+            index[stem] = p
+    return index
+
+
+def _finish(name: str, items: dict[str, Item], raw: list[tuple[str, float, str, float | None, str]],
+            report: LoadReport, root: Path | None, has_images: bool) -> Dataset:
+    """Drop unknown items, dedupe (keep earliest) and empty users; build the Dataset.
+
+    ``raw`` rows are (user, timestamp, item, rating, where) with ``where`` = "file:line".
+    """
+    inter: list[Interaction] = []
+    for user, ts, item, rating, where in raw:
+        if item not in items:
+            _warn(report, "unknown_item", f"{where}: interaction of user {user!r} references unknown item {item!r}; skipped")
+            continue
+        inter.append((Interaction(user, ts, item, rating), where))  # type: ignore[arg-type]
+    inter.sort(key=lambda x: x[0])
+    seen: set[tuple[str, str]] = set()
+    kept: list[Interaction] = []
+    for it, where in inter:  # type: ignore[misc]
+        key = (it.user_id, it.item_id)
+        if key in seen:
+            _warn(report, "duplicate_interaction", f"{where}: duplicate interaction user {it.user_id!r} item {it.item_id!r}; kept the first")
+            continue
+        seen.add(key)
+        kept.append(it)
+    if report.total_dropped:
+        log.info("%s: loader report %s", name, dict(report.dropped))
+    return Dataset(name=name, items=items, interactions=kept, root=root, report=report,
+                   has_images=has_images)
+
+
+# --------------------------------------------------------------------------- MicroLens
+
+def _pick_prefix(root: Path, prefix: str | None) -> str:
+    if prefix is not None:
+        return prefix
+    found = sorted(p.name[: -len("_pairs.tsv")] for p in root.glob("*_pairs.tsv"))
+    if not found:
+        raise DataError("no *_pairs.tsv file found (MicroLens layout needs <prefix>_pairs.tsv)", file=root)
+    if len(found) > 1:
+        raise DataError(f"several *_pairs.tsv files {found}; pass prefix=", file=root)
+    return found[0]
+
+
+def load_microlens(root: Path, prefix: str | None = None) -> Dataset:
+    """MicroLens layout: ``<prefix>_pairs.tsv``, ``<prefix>_titles.csv``, ``covers/{item}.jpg|png``.
+
+    Optional: ``<prefix>_timestamps.tsv`` (``user\\titem\\ttimestamp`` rows); without it the
+    position in the user's line is the timestamp. ``ground_truth.json`` (the synthetic
+    benchmark) attaches colour/shape/pattern/genre to ``Item.attributes``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("dataset folder does not exist", file=root)
+    prefix = _pick_prefix(root, prefix)
+    report = LoadReport()
+    pairs_path = _require(root / f"{prefix}_pairs.tsv", "pairs")
+    titles_path = _require(root / f"{prefix}_titles.csv", "titles")
+
+    # titles
+    lines = _read_lines(titles_path, report)
+    if not lines:
+        raise DataError("titles file is empty; expected header 'item,title'", file=titles_path, line=1)
+    header = [h.strip().lower() for h in next(csv.reader([lines[0]]), [])]
+    if len(header) < 2 or header[0] not in ("item", "item_id") or "title" not in header[1]:
+        raise DataError(f"titles header must be 'item,title', got {lines[0][:80]!r}",
+                        file=titles_path, line=1, field_name="header")
+    gt: dict[str, Any] = {}
+    gt_path = root / "ground_truth.json"
+    if gt_path.is_file():
+        try:
+            gt = json.loads(gt_path.read_text(encoding="utf-8")).get("items", {})
+        except (OSError, ValueError) as e:
+            _warn(report, "bad_ground_truth", f"{gt_path}: unreadable ground truth ({e}); attributes not attached")
+    covers = root / "covers"
+    index = _image_index(covers)
+    items: dict[str, Item] = {}
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            row = next(csv.reader([line]))
+        except (csv.Error, StopIteration) as e:
+            _warn(report, "malformed_row", f"{titles_path}:{n}: malformed CSV row ({e}); skipped")
+            continue
+        if len(row) < 2 or not row[0].strip():
+            _warn(report, "malformed_row", f"{titles_path}:{n}: expected 'item,title', got {line[:80]!r}; skipped")
+            continue
+        iid, title = row[0].strip(), ",".join(row[1:]).strip()
+        if iid in items:
+            _warn(report, "duplicate_item", f"{titles_path}:{n}: duplicate item id {iid!r}; kept the first")
+            continue
+        image = check_image(_find_image(covers, iid, index), covers, report, iid) if covers.is_dir() else None
+        attrs = {k: str(v) for k, v in gt.get(iid, {}).items()
+                 if k in ("colour", "shape", "pattern", "genre")} if isinstance(gt.get(iid), dict) else {}
+        items[iid] = Item(iid, title, None, image, attrs)
+
+    # optional timestamps
+    stamps: dict[tuple[str, str], float] = {}
+    ts_path = root / f"{prefix}_timestamps.tsv"
+    if ts_path.is_file():
+        for n, line in enumerate(_read_lines(ts_path, report), start=1):
+            parts = line.split("\t")
+            try:
+                if len(parts) != 3:
+                    raise ValueError("expected 3 tab-separated fields")
+                t = float(parts[2])
+                if not math.isfinite(t):
+                    raise ValueError("not finite")
+            except ValueError as e:
+                _warn(report, "malformed_timestamp", f"{ts_path}:{n}: {e}: {line[:80]!r}; skipped")
+                continue
+            stamps.setdefault((parts[0].strip(), parts[1].strip()), t)
+
+    # pairs
+    per_user: dict[str, list[tuple[str, str]]] = {}
+    for n, line in enumerate(_read_lines(pairs_path, report), start=1):
+        if not line.strip():
+            continue
+        user, sep, rest = line.partition("\t")
+        user = user.strip()
+        if not sep or not user:
+            _warn(report, "malformed_row", f"{pairs_path}:{n}: expected 'user<TAB>item item …', got {line[:80]!r}; skipped")
+            continue
+        seq = [(i, f"{pairs_path}:{n}") for i in rest.replace(",", " ").split()]
+        if not seq:
+            _warn(report, "empty_user", f"{pairs_path}:{n}: user {user!r} has no interactions; skipped")
+            continue
+        per_user.setdefault(user, []).extend(seq)
+    raw: list[tuple[str, float, str, float | None, str]] = []
+    for user, seq in per_user.items():
+        known = [(i, w) for i, w in seq if i in items]
+        if not known:
+            for i, w in seq:
+                _warn(report, "unknown_item", f"{w}: interaction of user {user!r} references unknown item {i!r}; skipped")
+            _warn(report, "empty_user", f"{seq[0][1]}: user {user!r} has no interactions with known items; skipped")
+            continue
+        use_stamps = bool(stamps) and all((user, i) in stamps for i, _ in known)
+        if stamps and not use_stamps:
+            _warn(report, "missing_timestamp", f"{ts_path}: user {user!r} lacks timestamps for some items; using positions")
+        for pos, (i, w) in enumerate(seq):
+            raw.append((user, stamps[(user, i)] if use_stamps and (user, i) in stamps else float(pos), i, None, w))
+    return _finish(prefix, items, raw, report, root, has_images=covers.is_dir())
+
+
+# --------------------------------------------------------------------------- Amazon Reviews 2023
+
+def _jsonl(path: Path, report: LoadReport):
+    for n, line in enumerate(_read_lines(path, report), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            _warn(report, "malformed_row", f"{path}:{n}: malformed JSON ({e}); skipped")
+            continue
+        yield n, row
+
+
+def _text_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    if isinstance(value, list):
+        return [str(v) for v in value if isinstance(v, (str, int, float)) and str(v).strip()]
+    return []
+
+
+def load_amazon2023(reviews_jsonl: Path, meta_jsonl: Path, image_dir: Path | None = None) -> Dataset:
+    """Amazon Reviews 2023: reviews (``user_id, parent_asin, rating, timestamp`` in ms) joined with
+    meta (``parent_asin, title, description, features, images``) on ``parent_asin``.
+
+    Images come only from ``image_dir`` as ``{parent_asin}.<ext>``; URLs are never fetched.
+    """
+    reviews_jsonl, meta_jsonl = _require(reviews_jsonl, "reviews JSONL"), _require(meta_jsonl, "meta JSONL")
+    report = LoadReport()
+    img_root = Path(image_dir) if image_dir is not None else None
+    if img_root is not None and not img_root.is_dir():
+        raise DataError("image folder does not exist", file=img_root)
+    index = _image_index(img_root) if img_root is not None else {}
+    items: dict[str, Item] = {}
+    for n, row in _jsonl(meta_jsonl, report):
+        asin = row.get("parent_asin")
+        if not isinstance(asin, str) or not asin.strip():
+            _warn(report, "missing_field", f"{meta_jsonl}:{n}: field 'parent_asin' missing or not a string; skipped")
+            continue
+        asin = asin.strip()
+        if asin in items:
+            _warn(report, "duplicate_item", f"{meta_jsonl}:{n}: duplicate parent_asin {asin!r}; kept the first")
+            continue
+        title = row.get("title")
+        title = title.strip() if isinstance(title, str) else ""
+        text = "\n".join(_text_list(row.get("features")) + _text_list(row.get("description"))) or None
+        attrs = {k: str(row[k]) for k in ("main_category", "store") if isinstance(row.get(k), str)}
+        image = None
+        if img_root is not None:
+            image = check_image(_find_image(img_root, asin, index), img_root, report, asin)
+        items[asin] = Item(asin, title, text, image, attrs)
+    raw = []
+    for n, row in _jsonl(reviews_jsonl, report):
+        where = f"{reviews_jsonl}:{n}"
+        user, asin = row.get("user_id"), row.get("parent_asin")
+        if not isinstance(user, str) or not user.strip() or not isinstance(asin, str) or not asin.strip():
+            _warn(report, "missing_field", f"{where}: field 'user_id' or 'parent_asin' missing; skipped")
+            continue
+        try:
+            ts = float(row.get("timestamp"))  # type: ignore[arg-type]
+            if not math.isfinite(ts):
+                raise ValueError
+        except (TypeError, ValueError):
+            _warn(report, "bad_timestamp", f"{where}: field 'timestamp' is not a number; skipped")
+            continue
+        rating = row.get("rating")
+        rating = float(rating) if isinstance(rating, (int, float)) and not isinstance(rating, bool) else None
+        raw.append((user.strip(), ts / 1000.0, asin.strip(), rating, where))
+    return _finish(reviews_jsonl.stem, items, raw, report, img_root, has_images=img_root is not None)
+
+
+# --------------------------------------------------------------------------- RecBole atomic files
+
+def _atomic_header(path: Path, line: str) -> list[str]:
+    names = [h.split(":", 1)[0].strip() for h in line.split("\t")]
+    if not names or not all(names):
+        raise DataError(f"bad RecBole header {line[:80]!r}", file=path, line=1, field_name="header")
+    return names
+
+
+def load_recbole(inter_path: Path, item_path: Path | None = None, name: str | None = None) -> Dataset:
+    """RecBole atomic files: ``.inter`` (``user_id:token, item_id:token[, rating, timestamp]``)
+    and ``.item`` (``item_id:token`` plus e.g. ``movie_title:token_seq``; the first ``*title*``
+    column is the title, the other columns go to ``text`` and ``attributes``). Text only."""
+    inter_path = _require(inter_path, "RecBole .inter")
+    report = LoadReport()
+    items: dict[str, Item] = {}
+    if item_path is not None:
+        item_path = _require(item_path, "RecBole .item")
+        lines = _read_lines(item_path, report)
+        if not lines:
+            raise DataError("empty .item file; expected a header", file=item_path, line=1)
+        cols = _atomic_header(item_path, lines[0])
+        if "item_id" not in cols:
+            raise DataError("header has no item_id column", file=item_path, line=1, field_name="item_id")
+        id_col = cols.index("item_id")
+        title_col = next((k for k, c in enumerate(cols) if "title" in c.lower()), None)
+        for n, line in enumerate(lines[1:], start=2):
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) != len(cols) or not parts[id_col].strip():
+                _warn(report, "malformed_row", f"{item_path}:{n}: expected {len(cols)} tab-separated fields, got {len(parts)}; skipped")
+                continue
+            iid = parts[id_col].strip()
+            if iid in items:
+                _warn(report, "duplicate_item", f"{item_path}:{n}: duplicate item id {iid!r}; kept the first")
+                continue
+            title = parts[title_col].strip() if title_col is not None else iid
+            extra = {c: parts[k].strip() for k, c in enumerate(cols)
+                     if k not in (id_col, title_col) and parts[k].strip()}
+            text = "; ".join(f"{c.replace('_', ' ')}: {v}" for c, v in extra.items()) or None
+            items[iid] = Item(iid, title, text, None, extra)
+    lines = _read_lines(inter_path, report)
+    if not lines:
+        raise DataError("empty .inter file; expected a header", file=inter_path, line=1)
+    cols = _atomic_header(inter_path, lines[0])
+    for need in ("user_id", "item_id"):
+        if need not in cols:
+            raise DataError(f"header has no {need} column", file=inter_path, line=1, field_name=need)
+    u_col, i_col = cols.index("user_id"), cols.index("item_id")
+    t_col = cols.index("timestamp") if "timestamp" in cols else None
+    r_col = cols.index("rating") if "rating" in cols else None
+    raw = []
+    position: dict[str, int] = {}
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        where = f"{inter_path}:{n}"
+        if len(parts) != len(cols) or not parts[u_col].strip() or not parts[i_col].strip():
+            _warn(report, "malformed_row", f"{where}: expected {len(cols)} tab-separated fields with user_id and item_id; skipped")
+            continue
+        user, iid = parts[u_col].strip(), parts[i_col].strip()
+        try:
+            if t_col is not None:
+                ts = float(parts[t_col])
+                if not math.isfinite(ts):
+                    raise ValueError
+            else:
+                ts = float(position.get(user, 0))
+            rating = float(parts[r_col]) if r_col is not None and parts[r_col].strip() else None
+        except ValueError:
+            _warn(report, "malformed_row", f"{where}: timestamp or rating is not a number; skipped")
+            continue
+        position[user] = position.get(user, 0) + 1
+        if item_path is None and iid not in items:
+            items[iid] = Item(iid, iid)
+        raw.append((user, ts, iid, rating, where))
+    return _finish(name or inter_path.stem, items, raw, report, inter_path.parent, has_images=False)
+
+
+def movielens100k_dir() -> Path:
+    spec = importlib.util.find_spec("recbole")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the recbole package (which ships ml-100k) is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k"
+
+
+def load_movielens100k() -> Dataset:
+    """MovieLens-100k as shipped in ``recbole/dataset_example/ml-100k`` (text only)."""
+    d = movielens100k_dir()
+    return load_recbole(d / "ml-100k.inter", d / "ml-100k.item", name="ml-100k")
+
+
+# --------------------------------------------------------------------------- dispatcher
+
+def load_dataset(name_or_path: str | Path, **kw: Any) -> Dataset:
+    """``"synth"`` (generated into the cache, kwargs are SynthConfig fields or ``config=``),
+    ``"ml-100k"``, or a folder whose layout is detected (MicroLens, RecBole, Amazon 2023)."""
+    key = str(name_or_path)
+    if key == "synth":
+        from mllm_msr.data.synth import SynthConfig, default_benchmark_dir, generate_benchmark
+        cfg = kw.pop("config", None) or SynthConfig(**kw)
+        root = generate_benchmark(default_benchmark_dir(cfg), cfg)
+        return load_microlens(root, prefix="synth")
+    if key.lower() in ("ml-100k", "movielens-100k", "ml100k"):
+        return load_movielens100k()
+    path = Path(key).expanduser()
+    if path.is_file() and path.suffix == ".inter":
+        item = path.with_suffix(".item")
+        return load_recbole(path, item if item.is_file() else None)
+    if not path.is_dir():
+        raise DataError(f"unknown dataset {key!r}: not 'synth', 'ml-100k' or an existing folder", file=path)
+    if list(path.glob("*_pairs.tsv")):
+        return load_microlens(path, **kw)
+    inters = sorted(path.glob("*.inter"))
+    if inters:
+        item = inters[0].with_suffix(".item")
+        return load_recbole(inters[0], item if item.is_file() else None)
+    metas = sorted(path.glob("meta_*.jsonl"))
+    reviews = sorted(p for p in path.glob("*.jsonl") if not p.name.startswith("meta_"))
+    if metas and reviews:
+        images = kw.get("image_dir") or (path / "images" if (path / "images").is_dir() else None)
+        return load_amazon2023(reviews[0], metas[0], images)
+    raise DataError("cannot detect the layout (no *_pairs.tsv, *.inter, or meta_*.jsonl + reviews *.jsonl)", file=path)
