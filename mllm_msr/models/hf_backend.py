@@ -55,6 +55,49 @@ def is_multimodal_folder(model_path: str | Path) -> bool:
     return getattr(cfg, "vision_config", None) is not None
 
 
+ANSWER_PROBE = "Answer yes or no."
+
+
+def resolve_answer_token_ids(tokenizer, prompt: str, words: tuple[str, str] = YES_NO
+                             ) -> tuple[int, int]:
+    """The first token the assistant emits when answering ``words[0]`` / ``words[1]`` right after
+    the rendered generation ``prompt`` (tokenised in context, so BPE merges at the boundary are
+    respected: the token a completion-only fine-tuning puts its loss on)."""
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    out = []
+    for word in words:
+        full = tokenizer(prompt + word, add_special_tokens=False)["input_ids"]
+        if full[: len(p_ids)] == p_ids and len(full) > len(p_ids):
+            out.append(int(full[len(p_ids)]))
+        else:  # tokenisation merged across the boundary: fall back to the bare word
+            out.append(int(tokenizer(word, add_special_tokens=False)["input_ids"][0]))
+    if out[0] == out[1]:
+        raise BackendError(f"answer words {words!r} share their first token")
+    return out[0], out[1]
+
+
+def render_probe(tokenizer_or_processor, multimodal: bool) -> str:
+    """The generation prompt of a one-message chat (what answers are resolved against)."""
+    content: Any = [{"type": "text", "text": ANSWER_PROBE}] if multimodal else ANSWER_PROBE
+    return tokenizer_or_processor.apply_chat_template([{"role": "user", "content": content}],
+                                                      add_generation_prompt=True, tokenize=False)
+
+
+def answer_token_ids_for(model_path: str | Path, words: tuple[str, str] = YES_NO) -> tuple[int, int]:
+    """yes/no token ids of a local HF folder, resolved exactly as ``TransformersBackend`` does."""
+    from transformers import AutoTokenizer
+
+    mm = is_multimodal_folder(model_path)
+    if mm:
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(str(model_path))
+        tok = proc.tokenizer
+    else:
+        proc = tok = AutoTokenizer.from_pretrained(str(model_path))
+    return resolve_answer_token_ids(tok, render_probe(proc, mm), words)
+
+
 class TransformersBackend(ModelBackend):
     """transformers + peft on CPU (or any torch device).
 
@@ -207,22 +250,8 @@ class TransformersBackend(ModelBackend):
         return out
 
     def _resolve_answer_ids(self, yes: str, no: str) -> tuple[int, int]:
-        """The first token the assistant emits when answering ``yes`` / ``no`` right after the
-        generation prompt (tokenised in context, so BPE merges at the boundary are respected)."""
-        tok = self.tokenizer
-        probe = ChatRequest.user("Answer yes or no.")
-        prompt, _ = self.render(probe)
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        out = []
-        for word in (yes, no):
-            full = tok(prompt + word, add_special_tokens=False)["input_ids"]
-            if full[: len(p_ids)] == p_ids and len(full) > len(p_ids):
-                out.append(full[len(p_ids)])
-            else:  # tokenisation merged across the boundary: fall back to the bare word
-                out.append(tok(word, add_special_tokens=False)["input_ids"][0])
-        if out[0] == out[1]:
-            raise BackendError(f"yes/no words {yes!r}/{no!r} share their first token")
-        return out[0], out[1]
+        prompt, _ = self.render(ChatRequest.user(ANSWER_PROBE))
+        return resolve_answer_token_ids(self.tokenizer, prompt, (yes, no))
 
     # ------------------------------------------------------------------ grouping helpers
     @staticmethod

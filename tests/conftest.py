@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny random Idefics3 model folder and a few tiny cover images.
+
+Session-scoped and cheap (the model builds in ~1 s); other test modules may add fixtures here.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3(tmp_path_factory):
+    """Path of a tiny random-weights Idefics3 HF folder (processor + ChatML template + image
+    tokens), loadable by transformers, peft and vLLM."""
+    from mllm_msr.models.embedded import build_tiny_idefics3
+
+    return build_tiny_idefics3(tmp_path_factory.mktemp("tiny-idefics3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory):
+    """Three small PNG covers (different colour / shape / pattern)."""
+    from mllm_msr.data.covers import draw_cover
+
+    d = tmp_path_factory.mktemp("images")
+    paths = []
+    for k, (c, s, p) in enumerate([("red", "circle", "solid"), ("blue", "star", "striped"),
+                                   ("green", "square", "dotted")]):
+        path = d / f"cover{k}.png"
+        draw_cover(c, s, p, size=64).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_image(tiny_images):
+    """One small PNG cover."""
+    return tiny_images[0]
