@@ -208,6 +208,43 @@ def prompts_diff(a: Path = typer.Argument(..., help="Prompt file A"), b: Path = 
                   markup=False, highlight=False)
 
 
+@app.command("chat")
+def chat(user: str = typer.Option(..., "--user", "-u", help="User id."),
+         config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Conversational recommender: say what you like or want; the memory folds it in and answers."""
+    from langchain_core.messages import HumanMessage
+
+    from mllm_msr.agents.user_memory import UserHistory
+    from mllm_msr.graphs.chat import compile_chat
+    from mllm_msr.graphs.pipeline import sqlite_checkpointer, thread
+    from mllm_msr.services import build_services, load_data, resolve_adapter
+
+    cfg = resolve_adapter(_cfg(config, set_))
+    ds = load_data(cfg)
+    seqs = ds.sequences()
+    if user not in seqs:
+        console.print(f"[red]unknown user {user!r} (e.g. {', '.join(list(seqs)[:5])})[/]")
+        raise typer.Exit(2)
+    s = build_services(cfg, ds)
+    console.print("preparing item summaries (cached after the first time)…")
+    summaries = s.summarizer.summarize(list(ds.items.values()))
+    hist = [i.item_id for i in seqs[user]]
+    s.memory.update_many([UserHistory(user, tuple(hist), tuple(i.timestamp for i in seqs[user]))],
+                         ds.items, summaries)
+    graph = compile_chat(s, sqlite_checkpointer(Path(cfg.run_dir) / "chat.sqlite"))
+    conf = thread(f"chat:{user}")
+    console.print(f"[bold]chatting as {user}[/] ({len(hist)} items in history). Empty line = recommend, 'quit' to stop.")
+    while True:
+        try:
+            text = console.input("[bold cyan]you> [/]")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if text.strip().lower() in {"quit", "exit"}:
+            break
+        state = graph.invoke({"user_id": user, "history": hist, "messages": [HumanMessage(text)]}, conf)
+        console.print(f"[bold green]msr>[/] {state['messages'][-1].content}", markup=False, highlight=False)
+
+
 def main() -> None:  # pragma: no cover
     logging.basicConfig(level=os.environ.get("MSR_LOG", "WARNING"))
     app()

@@ -202,3 +202,28 @@ def test_runner_resumes_without_recomputing(services, dataset, tmp_path):
     assert services.summarizer.model_calls == calls[0]
     rows = [json.loads(l) for l in (run_dir / "scores.jsonl").read_text().splitlines() if l.endswith("}")]
     assert len({r["user_id"] for r in rows}) == len(cases)
+
+
+def test_chat_folds_feedback_into_a_new_summary_version_and_recommends_unseen_items(services, dataset, tmp_path):
+    from langchain_core.messages import HumanMessage
+
+    from mllm_msr.graphs.chat import compile_chat
+
+    services.summarizer.summarize(list(dataset.items.values()))
+    uid = dataset.users[2]
+    hist = [i.item_id for i in dataset.sequences()[uid]]
+    graph = compile_chat(services, sqlite_checkpointer(tmp_path / "chat.sqlite"))
+    conf = thread("chat:" + uid)
+    s1 = graph.invoke({"user_id": uid, "history": hist,
+                       "messages": [HumanMessage("more like the blue ones, nothing with stripes")]}, conf)
+    versions = services.store.user_history(uid)
+    assert versions[-1].source == "feedback" and versions[-1].summary == s1["user_summary"]
+    feedback_prompt = services.memory.llm.prompts[-1].messages[-1]["content"][0]["text"]
+    assert "nothing with stripes" in feedback_prompt
+    reply = s1["messages"][-1].content
+    shown1 = s1["shown"]
+    assert len(shown1) == 3 and not set(shown1) & set(hist)
+    assert all(dataset.items[i].title in reply for i in shown1) and "score" in reply
+    s2 = graph.invoke({"user_id": uid, "history": hist, "messages": [HumanMessage("something else")]}, conf)
+    assert not set(s2["shown"][3:]) & set(shown1)  # no repeats within a conversation
+    assert len(services.store.user_history(uid)) == len(versions) + 1

@@ -1,0 +1,81 @@
+"""Conversational recommender: the user's words update the preference summary (a new stored
+version), then retrieval + the recommender answer with items, scores and a one-line reason.
+
+    START → listen (fold the message into memory) → retrieve → recommend → respond → END
+"""
+from __future__ import annotations
+
+import operator
+import time
+from typing import Annotated
+
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+
+from mllm_msr.graphs.nodes import Services, _event, make_recommend, make_retrieve
+from mllm_msr.graphs.state import RecState
+
+
+class ChatState(RecState, total=False):
+    messages: Annotated[list[AnyMessage], add_messages]
+    shown: Annotated[list[str], operator.add]  # items already recommended in this conversation
+
+
+def make_listen(s: Services):
+    def listen(state: ChatState) -> dict:
+        t0 = time.perf_counter()
+        uid = state["user_id"]
+        last = next((m for m in reversed(state.get("messages", [])) if isinstance(m, HumanMessage)), None)
+        history = s.store.user_history(uid)
+        current = history[-1] if history else None
+        if last is None or not str(last.content).strip():
+            summary = current.summary if current else "No preferences known yet."
+            return {"user_summary": summary, "events": [_event("listen", t0, updated=False)]}
+        v = s.memory.fold_feedback(current, uid, str(last.content))
+        return {"user_summary": v.summary, "summary_step": v.step, "summary_key": v.key,
+                "candidates": [], "events": [_event("listen", t0, updated=True)]}
+    return listen
+
+
+def make_exclude_seen(s: Services):
+    def exclude_seen(state: ChatState) -> dict:
+        seen = set(state.get("history", [])) | set(state.get("shown", []))
+        return {"candidates": [c for c in state.get("candidates", []) if c not in seen]}
+    return exclude_seen
+
+
+def make_respond(s: Services, top: int = 3):
+    def respond(state: ChatState) -> dict:
+        ranking = state.get("ranking", [])[:top]
+        keys = [s.summarizer.key(s.catalog[r["item_id"]]) for r in ranking]
+        sums = s.store.get_items(keys)
+        lines = [f"Your taste as I understand it: {state['user_summary']}"]
+        for r, k in zip(ranking, keys):
+            why = sums[k].image_description if k in sums and sums[k].image_description else (
+                sums[k].summary if k in sums else "")
+            lines.append(f"- {r['title']} (score {r['score']:.2f}) — {why[:120]}")
+        if not ranking:
+            lines.append("I have nothing new to suggest yet.")
+        return {"messages": [AIMessage("\n".join(lines))], "shown": [r["item_id"] for r in ranking]}
+    return respond
+
+
+def build_chat_graph(s: Services) -> StateGraph:
+    g = StateGraph(ChatState)
+    g.add_node("listen", make_listen(s))
+    g.add_node("retrieve", make_retrieve(s))
+    g.add_node("exclude_seen", make_exclude_seen(s))
+    g.add_node("recommend", make_recommend(s))
+    g.add_node("respond", make_respond(s))
+    g.add_edge(START, "listen")
+    g.add_edge("listen", "retrieve")
+    g.add_edge("retrieve", "exclude_seen")
+    g.add_edge("exclude_seen", "recommend")
+    g.add_edge("recommend", "respond")
+    g.add_edge("respond", END)
+    return g
+
+
+def compile_chat(s: Services, checkpointer=None):
+    return build_chat_graph(s).compile(checkpointer=checkpointer)
