@@ -1,0 +1,665 @@
+"""Stage-2 fine-tuning of the recommender: a LoRA adapter that answers "yes"/"no" (paper Sec. 3.4).
+
+Data (:func:`build_sft_examples`, :func:`examples_from_store`): for every training user and every
+stored recurrent summary version (after block b, covering ``history[:e]``), the next item
+``seq[e]`` is a positive and one uniformly sampled never-touched item a negative (1:1, as the paper).
+
+Tokenisation (:class:`SFTEncoder`): the prompt is ``Recommender.request`` rendered by
+``TransformersBackend.render`` (the very chat template, processor and image expansion used at
+inference), followed by the answer word and the end-of-turn token. Labels are ``-100`` everywhere
+except the answer token and the end token: the loss covers the answer only (the authors' code also
+trained on the prompt; we do not). Rows are right-padded, so the answer is predicted from the
+last prompt token exactly as ``score_yes_no`` reads it.
+
+Training (:func:`train_sft`): transformers ``Trainer`` (checkpoints that resume, progress bar,
+``logging_steps`` loss log saved as ``train_log.json``) with a loss computed from the LM head at
+the labelled positions only (the full-vocabulary head on every position dominated a CPU step).
+The output folder is a plain PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``,
+fp16 by default) on the language model's projections only, rank <= 16, so both
+``TransformersBackend(adapters={"rec": dir})`` and vLLM (``--enable-lora --lora-modules rec=dir``)
+load it. :func:`merge_and_export` writes a merged full model folder.
+
+Command line: ``python -m mllm_msr.finetune.sft --help`` (``train`` from a JSONL file,
+``benchmark`` for the whole pipeline on the configured dataset, ``merge``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from pydantic import BaseModel, Field
+
+from mllm_msr.data.schema import Item
+
+log = logging.getLogger(__name__)
+
+ANSWERS = ("yes", "no")
+# Language-model projections only: the negative look-ahead keeps the vision tower (whose attention
+# also has q/k/v_proj) out, so the adapter holds nothing vLLM's LoRA loader would refuse.
+LM_TARGET_MODULES = (r"^(?!.*(?:vision|visual|image_tower|connector|multi_modal_projector)).*"
+                     r"\.layers\.\d+\.(?:self_attn|mlp)\."
+                     r"(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class SFTConfig(BaseModel):
+    """LoRA supervised fine-tuning of the yes/no recommender.
+
+    The paper's settings (LoRA r=8, lr 2e-5, batch 1) are for 7B models and a GPU; on the small
+    embedded model (SmolLM2-135M language model) on CPU they barely move the loss in the few hundred
+    steps a CPU affords. The defaults below were measured on the embedded model (see
+    ``mllm_msr/weights/rec_adapter/PROVENANCE.json``).
+    """
+
+    lora_r: int = Field(16, ge=1, le=64, description="LoRA rank (keep <= 16 so vLLM's default --max-lora-rank accepts it; paper 8).")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: str = Field(LM_TARGET_MODULES, description="Regex (full match on module names) of the LoRA'd modules: the language model's q,k,v,o,gate,up,down projections, never the vision tower.")
+    learning_rate: float = Field(5e-4, gt=0.0, description="Peak AdamW learning rate (paper 2e-5 for 7B; a 135M model with LoRA needs ~1e-4..1e-3).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    epochs: float = Field(3.0, gt=0.0, description="Passes over the training examples (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1 = use epochs).")
+    batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    max_length: int = Field(1024, ge=16, description="Longest tokenised example (prompt + answer); longer ones are an error, never silently cut.")
+    seed: int = Field(0, description="Seed of LoRA init, data order and dropout.")
+    train_connector: bool = Field(False, description="Also train the vision connector and encoder fully (modules_to_save). Such adapters load in transformers/peft but NOT in vLLM.")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of steps of linear warm-up (then cosine decay).")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant_with_warmup, ...).")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    logging_steps: int = Field(5, ge=1, description="Log the training loss every this many steps (train_log.json).")
+    save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every this many steps (output_dir/checkpoints).")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    output_dir: str = Field("runs/sft/rec_adapter", description="Adapter folder written at the end (checkpoints go to its checkpoints/ subfolder).")
+    save_dtype: str = Field("float16", description="dtype of the saved adapter weights (float16 halves the file; float32 keeps it exact).")
+    threads: int | None = Field(None, description="torch CPU threads (None = leave torch's setting).")
+    eval_batch_size: int = Field(16, ge=1, description="Batch size when scoring held-out examples.")
+    use_images: bool = Field(True, description="Show the candidate's cover in the prompt (must match RecommenderConfig.use_images at inference).")
+    adapter_name: str = Field("rec", description="Adapter name used for evaluation requests (as RecommenderConfig.adapter).")
+
+
+# ------------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class SFTExample:
+    """One pointwise example: preference summary, candidate item, answer ("yes"/"no")."""
+
+    user_summary: str
+    item: Item
+    label: str
+    user_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.label not in ANSWERS:
+            raise ValueError(f"label must be 'yes' or 'no', got {self.label!r}")
+
+
+def _label(v: Any) -> str:
+    if isinstance(v, str) and v.strip().lower() in ANSWERS:
+        return v.strip().lower()
+    if v in (1, True):
+        return "yes"
+    if v in (0, False):
+        return "no"
+    raise ValueError(f"label must be yes/no or 1/0, got {v!r}")
+
+
+def build_sft_examples(triples: Iterable[Sequence[Any]]) -> list[SFTExample]:
+    """(user_summary, Item, label) triples (label "yes"/"no" or 1/0, optional 4th: user id)."""
+    out = []
+    for n, t in enumerate(triples):
+        if isinstance(t, SFTExample):
+            out.append(t)
+            continue
+        if len(t) not in (3, 4):
+            raise ValueError(f"example {n}: expected (user_summary, item, label[, user_id]), got {len(t)} fields")
+        summary, item, label = t[0], t[1], t[2]
+        if not isinstance(item, Item):
+            raise ValueError(f"example {n}: candidate must be an Item, got {type(item).__name__}")
+        out.append(SFTExample(str(summary), item, _label(label), str(t[3]) if len(t) == 4 else ""))
+    return out
+
+
+def _next_position(seq: Sequence[str], covered: Sequence[str]) -> int | None:
+    """Index in ``seq`` of the item right after the contiguous window ``covered`` (latest match)."""
+    k = len(covered)
+    if k == 0 or k > len(seq):
+        return None
+    cov = list(covered)
+    for end in range(len(seq), k - 1, -1):
+        if list(seq[end - k:end]) == cov:
+            return end
+    return None
+
+
+def examples_from_store(store, sequences: Mapping[str, Sequence[Any]], users: Iterable[str],
+                        catalog: Mapping[str, Item], *, seed: int = 0, negatives: int = 1,
+                        source: str = "history") -> list[SFTExample]:
+    """SFT examples from the pipeline's own stored recurrent summaries.
+
+    ``sequences``: user → chronological item ids (or Interactions). For each user and each stored
+    version (``store.user_history(user)``, ``source`` versions only) covering a window that ends at
+    position e of the sequence, ``seq[e]`` is a "yes" and ``negatives`` uniformly drawn items the
+    user never touched are "no" (seeded per user and position)."""
+    pool = sorted(catalog)
+    out: list[SFTExample] = []
+    for u in sorted(set(users)):
+        seq = [getattr(x, "item_id", x) for x in sequences.get(u, ())]
+        if not seq:
+            continue
+        touched = set(seq)
+        seen_pos: set[int] = set()
+        for v in store.user_history(u):
+            if v.source != source or not v.summary.strip():
+                continue
+            e = _next_position(seq, v.covered)
+            if e is None or e >= len(seq) or e in seen_pos:
+                continue
+            seen_pos.add(e)
+            rng = random.Random(f"{seed}:sft:{u}:{e}")
+            out.append(SFTExample(v.summary, catalog[seq[e]], "yes", u))
+            cands = [i for i in pool if i not in touched]
+            for neg in rng.sample(cands, min(negatives, len(cands))):
+                out.append(SFTExample(v.summary, catalog[neg], "no", u))
+    return out
+
+
+def save_examples_jsonl(examples: Sequence[SFTExample], path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "w", encoding="utf-8") as f:
+        for ex in examples:
+            it = ex.item
+            f.write(json.dumps({"user_id": ex.user_id, "user_summary": ex.user_summary, "label": ex.label,
+                                "item_id": it.item_id, "title": it.title, "text": it.text,
+                                "image_path": str(it.image_path) if it.image_path else None}) + "\n")
+    return p
+
+
+def load_examples_jsonl(path: str | Path) -> list[SFTExample]:
+    """Rows {user_summary, label, item_id, title, [text], [image_path], [user_id]}."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                item = Item(str(r["item_id"]), r["title"], r.get("text"),
+                            Path(r["image_path"]) if r.get("image_path") else None)
+                out.append(SFTExample(r["user_summary"], item, _label(r["label"]), str(r.get("user_id", ""))))
+            except (KeyError, ValueError, TypeError) as e:
+                raise ValueError(f"{path}: line {n}: {e}") from e
+    return out
+
+
+# ------------------------------------------------------------------------------- tokenising
+class SFTEncoder:
+    """Turns examples into model inputs exactly as inference renders them, with answer-only labels.
+
+    ``backend``: a :class:`~mllm_msr.models.hf_backend.TransformersBackend` (its ``render``,
+    processor and resolved yes/no token ids); ``recommender``: a Recommender whose ``request``
+    builds the prompt (default: the packaged prompts, ``use_images`` as given)."""
+
+    def __init__(self, backend, recommender=None, *, use_images: bool = True, max_length: int = 1024):
+        from mllm_msr.agents.recommender import Recommender, RecommenderConfig
+
+        self.backend = backend
+        self.recommender = recommender or Recommender(
+            backend, RecommenderConfig(use_images=use_images, adapter=None))
+        self.max_length = max_length
+        self.tokenizer = backend.tokenizer
+        eot = self.tokenizer.eos_token
+        if eot is None:
+            raise ValueError("the tokenizer has no end-of-turn (eos) token")
+        self.end_token = eot
+        self.end_token_id = self.tokenizer.convert_tokens_to_ids(eot)
+        self.answer_ids = {"yes": backend.yes_token_id, "no": backend.no_token_id}
+        self._checked = False
+
+    def request(self, ex: SFTExample):
+        return self.recommender.request(ex.user_summary, ex.item, None)
+
+    def _check_template(self, req, prompt: str, answer: str) -> None:
+        """The chat template itself must render an assistant turn as prompt + answer + end token."""
+        from mllm_msr.models.base import ChatRequest
+
+        full, _ = self.backend.render(ChatRequest(req.messages + ({"role": "assistant", "content": answer},)))
+        if not full.startswith(prompt + answer + self.end_token):
+            raise ValueError("chat template does not render an assistant answer as "
+                             f"<generation prompt>{answer}{self.end_token}: {full[len(prompt) - 40:]!r}")
+        self._checked = True
+
+    def encode(self, ex: SFTExample) -> dict[str, Any]:
+        """input_ids, labels (answer + end token only), pixel_values / pixel_attention_mask."""
+        req = self.request(ex)
+        prompt, images = self.backend.render(req)
+        completion = ex.label + self.end_token
+        if not self._checked:
+            self._check_template(req, prompt, ex.label)
+        tok = self.tokenizer
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        f_ids = tok(prompt + completion, add_special_tokens=False)["input_ids"]
+        if f_ids[:len(p_ids)] != p_ids:
+            raise ValueError("the answer merges with the prompt's last token; cannot mask the prompt")
+        n_c = len(f_ids) - len(p_ids)
+        if f_ids[len(p_ids)] != self.answer_ids[ex.label] or f_ids[-1] != self.end_token_id:
+            raise ValueError(f"answer {ex.label!r} tokenises to {f_ids[len(p_ids):]}, expected "
+                             f"[{self.answer_ids[ex.label]}, ..., {self.end_token_id}] (scoring reads "
+                             "the first answer token)")
+        if images:
+            enc = self.backend.processor(text=[prompt + completion], images=[images], return_tensors="pt")
+        else:
+            enc = tok([prompt + completion], return_tensors="pt", add_special_tokens=False)
+        ids = enc["input_ids"][0]
+        if ids.shape[0] > self.max_length:
+            raise ValueError(f"example for user {ex.user_id!r} item {ex.item.item_id!r} has "
+                             f"{ids.shape[0]} tokens > max_length={self.max_length}")
+        if ids[-n_c:].tolist() != f_ids[-n_c:]:
+            raise ValueError("processor and tokenizer disagree on the answer tokens")
+        labels = ids.clone()
+        labels[:-n_c] = -100
+        row: dict[str, Any] = {"input_ids": ids, "labels": labels}
+        if "pixel_values" in enc:
+            row["pixel_values"] = enc["pixel_values"][0]
+            if "pixel_attention_mask" in enc:
+                row["pixel_attention_mask"] = enc["pixel_attention_mask"][0]
+        return row
+
+    def encode_all(self, examples: Sequence[SFTExample]) -> list[dict[str, Any]]:
+        return [self.encode(ex) for ex in examples]
+
+
+class SFTCollator:
+    """Right padding (pad id / label -100); images padded to the batch's max count with zeros
+    (Idefics3 drops all-zero images, so text-only rows can share a batch with image rows)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = int(pad_token_id)
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        n = max(r["input_ids"].shape[0] for r in rows)
+        B = len(rows)
+        ids = torch.full((B, n), self.pad, dtype=torch.long)
+        labels = torch.full((B, n), -100, dtype=torch.long)
+        att = torch.zeros((B, n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            L = r["input_ids"].shape[0]
+            ids[i, :L] = r["input_ids"]
+            labels[i, :L] = r["labels"]
+            att[i, :L] = 1
+        out = {"input_ids": ids, "attention_mask": att, "labels": labels}
+        with_img = [r for r in rows if r.get("pixel_values") is not None]
+        if with_img:
+            ref = with_img[0]["pixel_values"]
+            k = max(r["pixel_values"].shape[0] for r in with_img)
+            pv = torch.zeros((B, k, *ref.shape[1:]), dtype=ref.dtype)
+            has_mask = "pixel_attention_mask" in with_img[0]
+            if has_mask:
+                pm_ref = with_img[0]["pixel_attention_mask"]
+                pm = torch.zeros((B, k, *pm_ref.shape[1:]), dtype=pm_ref.dtype)
+            for i, r in enumerate(rows):
+                if r.get("pixel_values") is None:
+                    continue
+                m = r["pixel_values"].shape[0]
+                pv[i, :m] = r["pixel_values"]
+                if has_mask:
+                    pm[i, :m] = r["pixel_attention_mask"]
+            out["pixel_values"] = pv
+            if has_mask:
+                out["pixel_attention_mask"] = pm
+        return out
+
+
+class _ListDataset:
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+# ---------------------------------------------------------------------------------- model
+def _hf_model(model):
+    """The transformers model under a PeftModel (LoRA layers are injected in place)."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def _body_and_head(model):
+    m = _hf_model(model)
+    inner, head = getattr(m, "model", None), m.get_output_embeddings()
+    if inner is None or head is None:
+        raise ValueError(f"{type(m).__name__}: cannot split into body + LM head")
+    return inner, head
+
+
+def answer_loss(model, batch: Mapping[str, Any]):
+    """Mean cross-entropy over the labelled (answer) positions; the head runs only there."""
+    import torch
+    import torch.nn.functional as F
+
+    inner, head = _body_and_head(model)
+    labels = batch["labels"]
+    kw = {k: v for k, v in batch.items() if k != "labels"}
+    h = inner(**kw, use_cache=False).last_hidden_state
+    tgt = labels[:, 1:]
+    mask = tgt != -100
+    logits = head(h[:, :-1][mask]).float()
+    return F.cross_entropy(logits, tgt[mask])
+
+
+def score_rows(model, rows: Sequence[dict[str, Any]], yes_id: int, no_id: int, pad_id: int,
+               batch_size: int = 16) -> list[float]:
+    """p(yes)/(p(yes)+p(no)) at each row's answer position (in memory, no adapter save needed)."""
+    import torch
+
+    coll = SFTCollator(pad_id)
+    inner, head = _body_and_head(model)
+    out: list[float] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(rows), batch_size):
+            b = coll(rows[s:s + batch_size])
+            labels = b.pop("labels")
+            with torch.inference_mode():
+                h = inner(**b, use_cache=False).last_hidden_state
+            first = (labels != -100).float().argmax(dim=1) - 1  # last prompt token
+            hid = h[torch.arange(h.shape[0]), first]
+            lg = head(hid)[:, [yes_id, no_id]].double()
+            out += torch.softmax(lg, dim=-1)[:, 0].tolist()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def lora_config(cfg: SFTConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, bias="none", task_type="CAUSAL_LM",
+                      modules_to_save=["connector", "vision_model"] if cfg.train_connector else None)
+
+
+def _check_lm_only(model) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n.endswith(".lora_A")]
+    bad = [n for n in names if "vision" in n or "connector" in n]
+    if bad:
+        raise ValueError(f"target_modules matched vision modules: {bad[:3]}")
+    if not names:
+        raise ValueError("target_modules matched no module")
+    return names
+
+
+def _convert_adapter_dtype(folder: Path, dtype: str) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mllm_msr.models.hf_backend import _torch_dtype
+
+    p = folder / "adapter_model.safetensors"
+    dt = _torch_dtype(dtype)
+    sd = load_file(str(p))
+    if all(v.dtype == dt for v in sd.values()):
+        return
+    save_file({k: v.to(dt).contiguous() if v.is_floating_point() else v for k, v in sd.items()},
+              str(p), metadata={"format": "pt"})
+
+
+def _make_trainer_cls():
+    from transformers import Trainer
+
+    class AnswerOnlyTrainer(Trainer):
+        """Loss from the LM head at the labelled positions only; mean per micro-batch."""
+
+        loss_is_scaled_for_ga = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = answer_loss(model, inputs)
+            return (loss, None) if return_outputs else loss
+
+    return AnswerOnlyTrainer
+
+
+def _auc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if len(set(labels)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
+def evaluate_adapter(model_dir: str | Path, adapter_dir: str | Path | None,
+                     examples: Sequence[SFTExample], *, use_images: bool = True,
+                     batch_size: int = 16, adapter_name: str = "rec", threads: int | None = None
+                     ) -> dict[str, Any]:
+    """Score held-out examples through ``TransformersBackend`` (+ adapter) → AUC, accuracy, scores."""
+    from mllm_msr.agents.recommender import Recommender, RecommenderConfig
+    from mllm_msr.models.hf_backend import TransformersBackend
+
+    adapters = {adapter_name: str(adapter_dir)} if adapter_dir else None
+    be = TransformersBackend(model_dir, adapters, batch_size=batch_size, threads=threads)
+    rec = Recommender(be, RecommenderConfig(use_images=use_images, adapter=adapter_name if adapter_dir else None))
+    t0 = time.perf_counter()
+    reqs = [rec.request(ex.user_summary, ex.item, rec.cfg.adapter) for ex in examples]
+    scores = be.score_yes_no(reqs)
+    y = [1 if ex.label == "yes" else 0 for ex in examples]
+    acc = sum((s > 0.5) == bool(t) for s, t in zip(scores, y)) / max(1, len(y))
+    be.close()
+    return {"auc": _auc(y, scores), "accuracy": acc, "n": len(y), "scores": scores,
+            "score_s": round(time.perf_counter() - t0, 2)}
+
+
+def _loss_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if not losses:
+        return {}
+    k = max(1, len(losses) // 5)
+    first = sum(l for _, l in losses[:k]) / k
+    last = sum(l for _, l in losses[-k:]) / k
+    return {"first_loss": round(first, 4), "last_loss": round(last, 4), "min_loss": round(min(l for _, l in losses), 4),
+            "logged_points": len(losses), "curve": [[s, round(l, 4)] for s, l in losses]}
+
+
+def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], model_dir: str | Path,
+              eval_examples: Sequence[SFTExample | Sequence[Any]] | None = None, *,
+              resume_from_checkpoint: bool | str | None = None, show_progress: bool = True
+              ) -> dict[str, Any]:
+    """Train the LoRA adapter; write it to ``cfg.output_dir``; return metrics.
+
+    ``resume_from_checkpoint``: True = the latest checkpoint in ``output_dir/checkpoints``, or a
+    checkpoint folder. Metrics: steps, wall time, loss-curve summary, and (with ``eval_examples``)
+    held-out AUC / accuracy scored through ``TransformersBackend`` with the saved adapter."""
+    import torch
+    from peft import get_peft_model
+    from transformers import TrainingArguments, set_seed
+
+    from mllm_msr.models.hf_backend import TransformersBackend
+
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    examples = build_sft_examples(examples)
+    if not examples:
+        raise ValueError("no training examples")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+
+    set_seed(cfg.seed)
+    be = TransformersBackend(model_dir, max_length=cfg.max_length)
+    enc = SFTEncoder(be, use_images=cfg.use_images, max_length=cfg.max_length)
+    t0 = time.perf_counter()
+    rows = enc.encode_all(examples)
+    encode_s = time.perf_counter() - t0
+    pad_id = be.tokenizer.pad_token_id
+    model = be.model
+    model.config.use_cache = False
+    set_seed(cfg.seed)
+    model = get_peft_model(model, lora_config(cfg))
+    lora_modules = _check_lm_only(model)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.train()
+
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler,
+        max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, save_strategy="steps",
+        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, seed=cfg.seed,
+        data_seed=cfg.seed, use_cpu=(be.device.type == "cpu"), report_to="none",
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not show_progress,
+        label_names=["labels"], save_only_model=False,
+    )
+    trainer = _make_trainer_cls()(model=model, args=args, train_dataset=_ListDataset(rows),
+                                  data_collator=SFTCollator(pad_id))
+    if resume_from_checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
+        resume_from_checkpoint = last  # None: nothing to resume, start fresh
+    t1 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
+    train_s = time.perf_counter() - t1
+    history = trainer.state.log_history
+    (out / "train_log.json").write_text(json.dumps(history, indent=1))
+
+    model.save_pretrained(str(out))
+    _convert_adapter_dtype(out, cfg.save_dtype)
+    (out / "sft_config.json").write_text(cfg.model_dump_json(indent=1))
+    steps = trainer.state.global_step
+    metrics: dict[str, Any] = {
+        "global_step": steps, "examples": len(examples),
+        "positives": sum(ex.label == "yes" for ex in examples),
+        "trainable_params": n_trainable, "lora_modules": len(lora_modules),
+        "train_loss": round(float(result.training_loss), 4),
+        "loss": _loss_summary(history),
+        "encode_s": round(encode_s, 2), "train_s": round(train_s, 2),
+        "s_per_step": round(train_s / max(1, steps - (trainer.state.global_step - result.global_step)), 3),
+        "adapter_bytes": (out / "adapter_model.safetensors").stat().st_size,
+        "resumed_from": str(resume_from_checkpoint) if resume_from_checkpoint else None,
+    }
+    del trainer, model, be
+    if eval_examples:
+        ev = evaluate_adapter(model_dir, out, build_sft_examples(eval_examples), use_images=cfg.use_images,
+                              batch_size=cfg.eval_batch_size, adapter_name=cfg.adapter_name)
+        metrics["eval"] = {k: v for k, v in ev.items() if k != "scores"}
+    metrics["wall_s"] = round(time.perf_counter() - t_start, 2)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def merge_and_export(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Base model + adapter merged into a full HF folder (config, weights, processor/tokenizer)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig
+
+    model_dir, out = Path(model_dir), Path(out_dir)
+    cfg = AutoConfig.from_pretrained(str(model_dir))
+    if getattr(cfg, "vision_config", None) is not None:
+        from transformers import AutoModelForImageTextToText as Auto
+        from transformers import AutoProcessor as AutoProc
+    else:
+        from transformers import AutoModelForCausalLM as Auto
+        from transformers import AutoTokenizer as AutoProc
+    base = Auto.from_pretrained(str(model_dir), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out))
+    AutoProc.from_pretrained(str(model_dir)).save_pretrained(str(out))
+    for name in ("chat_template.jinja", "generation_config.json", "msr_build.json"):
+        src = model_dir / name
+        if src.exists():
+            shutil.copy2(src, out / name)
+    (out / "merged_from.json").write_text(json.dumps({"base": str(model_dir), "adapter": str(adapter_dir)}, indent=1))
+    return out
+
+
+def copy_adapter(src: str | Path, dst: str | Path, extra: Iterable[str] = ("sft_config.json", "train_log.json")) -> Path:
+    """Copy only the adapter files (+ small logs) into ``dst`` (e.g. the shipped weights folder)."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (*ADAPTER_FILES, *extra):
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    return dst
+
+
+# ------------------------------------------------------------------------------------- CLI
+def _sft_cfg(overrides: Sequence[str], base: SFTConfig | None = None) -> SFTConfig:
+    import yaml
+
+    data = (base or SFTConfig()).model_dump()
+    for ov in overrides:
+        if "=" not in ov:
+            raise ValueError(f"override {ov!r} must look like key=value")
+        k, v = ov.split("=", 1)
+        if k.strip() not in data:
+            raise ValueError(f"unknown SFT setting {k!r}; one of {sorted(data)}")
+        data[k.strip()] = yaml.safe_load(v)
+    return SFTConfig.model_validate(data)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mllm_msr.finetune.sft", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="Train from a JSONL of examples.")
+    t.add_argument("--data", required=True, help="JSONL rows {user_summary,label,item_id,title,[image_path]}")
+    t.add_argument("--eval-data", help="Held-out JSONL (AUC after training).")
+    t.add_argument("--model-dir", help="HF model folder (default: the embedded default model).")
+    t.add_argument("--set", "-s", action="append", default=[], help="SFTConfig override key=value (repeatable).")
+    t.add_argument("--resume", action="store_true", help="Resume from the latest checkpoint.")
+    b = sub.add_parser("benchmark", help="Whole pipeline: train users' summaries → SFT → test before/after.")
+    b.add_argument("--config", "-c", help="MSR YAML config.")
+    b.add_argument("--msr-set", action="append", default=[], help="MSRConfig override key.sub=value.")
+    b.add_argument("--set", "-s", action="append", default=[], help="SFTConfig override key=value.")
+    b.add_argument("--work-dir", default="runs/sft", help="Where the store, runs and adapter go.")
+    b.add_argument("--ship", help="Copy the final adapter + PROVENANCE.json here (e.g. mllm_msr/weights/rec_adapter).")
+    b.add_argument("--max-test-users", type=int)
+    b.add_argument("--resume", action="store_true")
+    m = sub.add_parser("merge", help="Merge an adapter into a full model folder.")
+    m.add_argument("--model-dir", required=True)
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--out", required=True)
+    ns = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if ns.cmd == "train":
+        from mllm_msr.models.embedded import ensure_default_model
+
+        cfg = _sft_cfg(ns.set)
+        model_dir = ns.model_dir or ensure_default_model()
+        ev = load_examples_jsonl(ns.eval_data) if ns.eval_data else None
+        res = train_sft(cfg, load_examples_jsonl(ns.data), model_dir, ev, resume_from_checkpoint=ns.resume or None)
+        print(json.dumps({k: v for k, v in res.items() if k != "loss"}, indent=1))
+    elif ns.cmd == "merge":
+        print(merge_and_export(ns.model_dir, ns.adapter, ns.out))
+    else:
+        from mllm_msr.finetune.sft_pipeline import run_benchmark
+
+        res = run_benchmark(config=ns.config, msr_overrides=ns.msr_set, sft_cfg=_sft_cfg(ns.set),
+                            work_dir=ns.work_dir, ship=ns.ship, max_test_users=ns.max_test_users,
+                            resume=ns.resume)
+        print(json.dumps(res.get("metrics", res), indent=1))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
