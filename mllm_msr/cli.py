@@ -48,9 +48,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 def _print_metrics(title: str, metrics: dict) -> None:
     t = Table(title=title)
-    for k in metrics:
-        t.add_column(k)
-    t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in metrics.values()])
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in metrics.items():
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     console.print(t)
 
 

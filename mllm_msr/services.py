@@ -11,6 +11,7 @@ from mllm_msr.config import MSRConfig
 from mllm_msr.data.schema import Dataset
 from mllm_msr.graphs.nodes import Services
 from mllm_msr.models.base import ModelBackend
+from mllm_msr.models.factory import ModelConfig, resolve_model_path
 from mllm_msr.stores.summaries import SummaryStore
 
 log = logging.getLogger(__name__)
@@ -41,15 +42,51 @@ def resolve_adapter(cfg: MSRConfig) -> MSRConfig:
     return cfg.model_copy(update={"recommender": cfg.recommender.model_copy(update={"adapter": None})})
 
 
+class LazyBackend(ModelBackend):
+    """Builds the real backend on first use, so a fully cached run never loads a model.
+
+    Its ``model_id`` names the model, not the backend (folder name + dtype, or model@endpoint):
+    transformers and vLLM on the same weights share cached summaries.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self._backend: ModelBackend | None = None
+        if cfg.base_url:
+            self.model_id = f"{cfg.model}@{cfg.base_url}"
+        else:
+            self.model_id = f"{resolve_model_path(cfg.model).name}:{cfg.dtype}"
+
+    @property
+    def backend(self) -> ModelBackend:
+        if self._backend is None:
+            from mllm_msr.models.factory import make_backend
+
+            self._backend = make_backend(self.cfg)
+        return self._backend
+
+    @property
+    def supports_images(self) -> bool:  # type: ignore[override]
+        return self.backend.supports_images
+
+    def generate(self, requests, **kw):
+        return self.backend.generate(requests, **kw)
+
+    def score_yes_no(self, requests):
+        return self.backend.score_yes_no(requests)
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+
+
 def make_backends(cfg: MSRConfig) -> tuple[ModelBackend, ModelBackend]:
     """(generator, scorer); one shared instance when both roles use the same model and backend."""
-    from mllm_msr.models.factory import make_backend
-
     gen_cfg, sc_cfg = cfg.generator, cfg.scorer
     if gen_cfg.model_dump(exclude={"adapters"}) == sc_cfg.model_dump(exclude={"adapters"}):
-        shared = make_backend(sc_cfg)  # adapters apply per request; generation uses the base model
+        shared = LazyBackend(sc_cfg)  # adapters apply per request; generation uses the base model
         return shared, shared
-    return make_backend(gen_cfg), make_backend(sc_cfg)
+    return LazyBackend(gen_cfg), LazyBackend(sc_cfg)
 
 
 def build_services(cfg: MSRConfig, dataset: Dataset, *, generator: ModelBackend | None = None,
