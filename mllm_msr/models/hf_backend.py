@@ -298,7 +298,10 @@ class TransformersBackend(ModelBackend):
                                 n = k
                                 break
                         self.stats["tokens_generated"] += n
-                        out[i] = self.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+                        text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+                        # a multi-byte character cut by max_new_tokens decodes as U+FFFD; drop it
+                        # (what vLLM's incremental detokenizer does)
+                        out[i] = text.rstrip("\ufffd").strip()
         return [o or "" for o in out]
 
     def _eos_ids(self) -> set[int]:
