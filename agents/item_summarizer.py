@@ -61,10 +61,14 @@ class ItemSummarizer:
         out = {iid: cached[k] for iid, k in keys.items() if k in cached}
         if progress and out:
             progress(len(out))
-        todo = [it for it in unique if it.item_id not in out]
+        # Batches are fixed chunks of the full list, not of the misses: a run resumed after a kill
+        # recomputes exactly the chunk it lost with the same batch-mates, so padding-dependent
+        # numerics (and hence greedy outputs) are identical to an uninterrupted run.
         bs = max(1, self.cfg.batch_size)
-        for start in range(0, len(todo), bs):
-            chunk = todo[start:start + bs]
+        for start in range(0, len(unique), bs):
+            chunk = [it for it in unique[start:start + bs] if it.item_id not in out]
+            if not chunk:
+                continue
             done = self._summarize_batch(chunk, keys)
             self.store.put_items(done)
             out.update({s.item_id: s for s in done})

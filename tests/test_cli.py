@@ -1,0 +1,109 @@
+"""The `msr` CLI end to end on a tiny real model (transformers): run, resume after SIGKILL, lock,
+recommend, data commands."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mllm_msr.cli import app
+
+runner = CliRunner()
+
+
+def _sets(tiny: Path, run: Path) -> list[str]:
+    args = {"generator.model": tiny, "scorer.model": tiny, "run_dir": run, "store.path": run / "chroma",
+            "synth.n_users": 30, "synth.n_items": 50, "items.batch_size": 4}
+    return [a for k, v in args.items() for a in ("--set", f"{k}={v}")]
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSR_HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+def test_data_synth_and_stats(env):
+    res = runner.invoke(app, ["data", "stats", "synth", "--set", "synth.n_users=30", "--set", "synth.n_items=50"])
+    assert res.exit_code == 0, res.output
+    assert "test_users" in res.output and "cold_test_items" in res.output
+
+
+def test_run_then_cached_rerun_then_recommend(env, tiny_idefics3):
+    run = env / "run"
+    first = runner.invoke(app, ["run", "--quiet", *_sets(tiny_idefics3, run)])
+    assert first.exit_code == 0, first.output
+    m1 = json.loads((run / "metrics.json").read_text())
+    assert m1["model_calls"]["item_summaries"] > 0 and m1["model_calls"]["scored_pairs"] == 21 * m1["users"]
+    second = runner.invoke(app, ["run", "--quiet", *_sets(tiny_idefics3, run)])
+    assert second.exit_code == 0, second.output
+    m2 = json.loads((run / "metrics.json").read_text())
+    assert m2["metrics"] == m1["metrics"]
+    assert m2["model_calls"] == {"item_summaries": 0, "user_summaries": 0, "scored_pairs": 0}
+    user = json.loads((run / "scores.jsonl").read_text().splitlines()[0])["user_id"]
+    rec = runner.invoke(app, ["recommend", "--user", user, "--top", "5", *_sets(tiny_idefics3, run)])
+    assert rec.exit_code == 0, rec.output
+    assert "preference summary" in rec.output and "top items" in rec.output
+    bad = runner.invoke(app, ["recommend", "--user", "nobody", *_sets(tiny_idefics3, run)])
+    assert bad.exit_code == 2 and "unknown user" in bad.output
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_gives_identical_metrics_and_recomputes_nothing_stored(env, tiny_idefics3):
+    run_a, run_b = env / "a", env / "b"
+    base = [sys.executable, "-m", "mllm_msr.cli", "run", "--quiet"]
+    e = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # reference: an uninterrupted run
+    subprocess.run(base + _sets(tiny_idefics3, run_a), check=True, env=e, capture_output=True)
+    ref = json.loads((run_a / "metrics.json").read_text())
+    # interrupted: kill -9 once some item summaries are stored
+    p = subprocess.Popen(base + _sets(tiny_idefics3, run_b), env=e, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    def rows_stored() -> int:
+        db = run_b / "chroma" / "chroma.sqlite3"
+        if not db.exists():
+            return 0
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+                return con.execute("select count(*) from embeddings").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    deadline = time.time() + 180
+    while time.time() < deadline and rows_stored() < 8 and p.poll() is None:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    import chromadb
+
+    client = chromadb.PersistentClient(path=str(run_b / "chroma"))
+    names = [c.name for c in client.list_collections()]
+    stored = client.get_collection("item_summaries").count() if "item_summaries" in names else 0
+    del client
+    # the rerun on the same folder works (the kill released the lock) and finishes the job
+    done = subprocess.run(base + _sets(tiny_idefics3, run_b), env=e, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads((run_b / "metrics.json").read_text())
+    assert got["metrics"] == ref["metrics"]
+    # nothing already stored was recomputed: 3 model calls (image, text, fusion) per item not yet stored
+    assert 0 < stored, "the kill came before any item summary was stored; make the test wait longer"
+    assert got["model_calls"]["item_summaries"] == ref["model_calls"]["item_summaries"] - 3 * stored
+
+
+def test_second_concurrent_run_on_the_same_folder_is_refused(env, tiny_idefics3):
+    import fcntl
+
+    run = env / "locked"
+    run.mkdir()
+    with open(run / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        res = runner.invoke(app, ["run", "--quiet", *_sets(tiny_idefics3, run)])
+    assert res.exit_code == 2 and "another msr run" in res.output
