@@ -246,6 +246,28 @@ def chat(user: str = typer.Option(..., "--user", "-u", help="User id."),
         console.print(f"[bold green]msr>[/] {state['messages'][-1].content}", markup=False, highlight=False)
 
 
+_PASS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@finetune_app.command("align", context_settings=_PASS)
+def finetune_align(ctx: typer.Context) -> None:
+    """Stage-1 alignment of the embedded model's vision encoder + connector (LM frozen).
+
+    Flags are AlignConfig's (`msr finetune align --help`), e.g. `--out mllm_msr/weights/vision --steps 480`."""
+    from mllm_msr.finetune.align import main as align_main
+
+    align_main(ctx.args)
+
+
+@finetune_app.command("sft", context_settings=_PASS)
+def finetune_sft(ctx: typer.Context) -> None:
+    """LoRA SFT of the yes/no recommender: `benchmark` (pipeline summaries → SFT → before/after
+    metrics), `train` (from a JSONL of examples) or `merge` (export a merged model); `--help` for flags."""
+    from mllm_msr.finetune.sft import main as sft_main
+
+    raise typer.Exit(sft_main(ctx.args))
+
+
 def main() -> None:  # pragma: no cover
     logging.basicConfig(level=os.environ.get("MSR_LOG", "WARNING"))
     app()
