@@ -342,6 +342,11 @@ def test_vllm_server_generate_images_and_score(vllm_server, hf, tiny_images):
     assert topk.score_yes_no(reqs) == pytest.approx(s, abs=1e-5)
     with pytest.raises(BackendError, match="#0"):  # unknown adapter: 404, not retried
         b.score_yes_no([ChatRequest.user("x", adapter="nope")])
+    # the factory connects to a running server when given base_url
+    from mllm_msr.models.factory import ModelConfig, make_backend
+
+    cfg = ModelConfig(backend="vllm-server", base_url=vllm_server.base_url, model=vllm_server.model)
+    assert make_backend(cfg).score_yes_no(reqs) == pytest.approx(s, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -351,6 +356,9 @@ def test_three_backends_agree(vllm_server, vllm_inproc, hf, tiny_images, adapter
     t = hf.score_yes_no(reqs)
     s = vllm_server.backend().score_yes_no(reqs)
     v = vllm_inproc.score_yes_no(reqs)
+    print(f"adapter={adapter}: max |transformers - server| = "
+          f"{max(abs(a - b) for a, b in zip(t, s)):.2e}, max |transformers - in-process| = "
+          f"{max(abs(a - b) for a, b in zip(t, v)):.2e} over {len(reqs)} requests")
     assert max(abs(a - b) for a, b in zip(t, s)) < 2e-3
     assert max(abs(a - b) for a, b in zip(t, v)) < 2e-3
     if adapter:

@@ -115,7 +115,7 @@ class TransformersBackend(ModelBackend):
         if threads:
             torch.set_num_threads(int(threads))
         self.model_path = Path(model_path)
-        self.model_id = str(model_path)
+        self.model_id = f"{self.model_path.name}:{dtype}"  # names the weights (cache keys)
         self.device = torch.device(device)
         self.dtype = _torch_dtype(dtype)
         self.batch_size = max(1, int(batch_size))

@@ -391,6 +391,7 @@ class ManagedServerBackend(VLLMServerBackend):
         if "yes_token_id" not in kw:
             kw["yes_token_id"], kw["no_token_id"] = answer_token_ids_for(server.model_path)
         super().__init__(server.base_url, server.model, **kw)
+        self.model_id = f"{Path(server.model_path).name}:{server.dtype or 'auto'}"  # the weights
 
     def close(self) -> None:
         self.server.stop()
@@ -423,7 +424,7 @@ class VLLMInProcessBackend(ModelBackend):
         from .hf_backend import answer_token_ids_for
 
         self.model_path = str(model_path)
-        self.model_id = f"vllm:{self.model_path}"
+        self.model_id = f"{Path(self.model_path).name}:{dtype}"  # names the weights
         self.adapters = dict(adapters or {})
         enable_lora = bool(self.adapters) if enable_lora is None else enable_lora
         kw: dict[str, Any] = dict(model=self.model_path, dtype=dtype, max_model_len=max_model_len,
