@@ -268,6 +268,9 @@ def finetune_sft(ctx: typer.Context) -> None:
     raise typer.Exit(sft_main(ctx.args))
 
 
+from mllm_msr.evaluation.harness import register as _register_eval; _register_eval(app)
+
+
 def main() -> None:  # pragma: no cover
     logging.basicConfig(level=os.environ.get("MSR_LOG", "WARNING"))
     app()
