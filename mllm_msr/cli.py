@@ -268,6 +268,29 @@ def finetune_sft(ctx: typer.Context) -> None:
     raise typer.Exit(sft_main(ctx.args))
 
 
+@app.command("web")
+def web(port: int = typer.Option(8765, help="Port on 127.0.0.1."),
+        users: int = typer.Option(12, help="How many test users to list."),
+        config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Web demo: history covers, summary evolution, recommendations with scores, and a chat box."""
+    import uvicorn
+
+    from mllm_msr.data.protocol import build_splits
+    from mllm_msr.services import build_services, load_data, resolve_adapter
+    from mllm_msr.web import create_app
+
+    cfg = resolve_adapter(_cfg(config, set_))
+    ds = load_data(cfg)
+    s = build_services(cfg, ds)
+    cases = build_splits(ds, cfg.protocol).test[:users]
+    console.print("preparing item summaries (cached after the first time)…")
+    s.summarizer.summarize(list(ds.items.values()))
+    table = {c.user_id: {"history": list(c.history), "timestamps": list(c.history_timestamps),
+                         "candidates": list(c.candidates)} for c in cases}
+    console.print(f"serving on http://127.0.0.1:{port}/")
+    uvicorn.run(create_app(s, table), host="127.0.0.1", port=port, log_level="warning")
+
+
 from mllm_msr.evaluation.harness import register as _register_eval; _register_eval(app)
 
 

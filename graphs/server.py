@@ -1,0 +1,32 @@
+"""Graphs for LangGraph's own server (`langgraph dev`, see langgraph.json) and the web demo.
+
+Services are built once per process from the default config (or ``MSR_CONFIG``, a YAML file), so
+the served graphs use the same models, prompts and Chroma store as `msr run`.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from mllm_msr.graphs.chat import compile_chat
+from mllm_msr.graphs.nodes import Services
+from mllm_msr.graphs.pipeline import compile_pipeline
+
+
+@lru_cache(maxsize=1)
+def services() -> Services:
+    from mllm_msr.config import load_config
+    from mllm_msr.services import build_services, load_data, resolve_adapter
+
+    cfg = resolve_adapter(load_config(os.environ.get("MSR_CONFIG") or None))
+    return build_services(cfg, load_data(cfg))
+
+
+def pipeline():
+    """The MLLM-MSR pipeline graph (the platform supplies the checkpointer)."""
+    return compile_pipeline(services())
+
+
+def chat():
+    """The conversational recommender graph."""
+    return compile_chat(services())

@@ -1,0 +1,63 @@
+"""Scripted fakes shared by the pipeline, chat and web tests."""
+from __future__ import annotations
+
+import itertools
+
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage
+
+from mllm_msr.models.base import ChatRequest, ModelBackend
+from mllm_msr.models.factory import LangChainChatBackend
+
+
+class CountingChat(ModelBackend):
+    """Scripted LangChain fake chat models, one per prompt role, behind LangChainChatBackend.
+
+    Replies are routed by the prompt's role (image description, text summary, fusion, user summary),
+    so assertions do not depend on call order; every prompt is recorded.
+    """
+
+    model_id = "fake-chat"
+    ROLES = {"image": "A striped red star.", "text": "A mystery story.", "fuse": "A red star mystery.",
+             "user": "The user appears to have a preference for red mystery items."}
+
+    def __init__(self):
+        self.backends = {role: LangChainChatBackend(GenericFakeChatModel(
+            messages=itertools.cycle([AIMessage(reply)]))) for role, reply in self.ROLES.items()}
+        self.prompts: list[ChatRequest] = []
+
+    @staticmethod
+    def role(req: ChatRequest) -> str:
+        text = " ".join(p.get("text", "") for p in req.messages[-1]["content"]) \
+            if isinstance(req.messages[-1]["content"], list) else req.messages[-1]["content"]
+        if req.image_paths():
+            return "image"
+        if "Cover:" in text:
+            return "fuse"
+        return "user" if "user" in text.lower() else "text"
+
+    def generate(self, requests, **kw):
+        self.prompts += list(requests)
+        return [self.backends[self.role(r)].generate([r], **kw)[0] for r in requests]
+
+    def score_yes_no(self, requests):  # pragma: no cover - generation only
+        raise NotImplementedError
+
+
+class OverlapScorer(ModelBackend):
+    """p(yes) = share of title words present in the summary (deterministic, prompt-driven)."""
+
+    model_id = "overlap"
+
+    def generate(self, requests, **kw):  # pragma: no cover - not a generator
+        raise NotImplementedError
+
+    def score_yes_no(self, requests):
+        out = []
+        for r in requests:
+            text = " ".join(p.get("text", "") for p in r.messages[-1]["content"]).lower()
+            summary = text.split("user preferences:")[1].split("</data>")[0]
+            title = text.split("candidate item title:")[1].split("</data>")[0].replace("<data>", "")
+            words = [w for w in title.replace(":", " ").split() if len(w) > 3]
+            out.append((sum(w in summary for w in words) + 0.5) / (len(words) + 1))
+        return out
