@@ -1,7 +1,8 @@
 """Item summarizer: cover image description (MLLM) + text summary (LLM), fused into one summary.
 
 Three prompts as the paper describes; the fusion step keeps the image description as its own input
-so long text cannot drown the visual features. Every summary is looked up in the store first by
+so long text cannot drown the visual features. Model outputs are stored neutralised (no chat
+control tokens or image placeholders), so injected item text cannot smuggle them downstream. Every summary is looked up in the store first by
 (content hash of image + text, prompt versions, model ids); only misses reach a model, in batches,
 and each batch is written to the store before the next starts (an interrupted run loses at most one
 batch of work).
@@ -15,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from mllm_msr.data.schema import Item
 from mllm_msr.models.base import ModelBackend
-from mllm_msr.prompts import Prompt, load_prompt
+from mllm_msr.prompts import Prompt, load_prompt, neutralise
 from mllm_msr.stores.summaries import ItemSummary, SummaryStore, digest, file_digest
 
 
@@ -83,24 +84,25 @@ class ItemSummarizer:
             outs = self.mllm.generate([self.p_image.request(it.image_path) for it in imaged],
                                       max_new_tokens=self.cfg.image_tokens)
             self.model_calls += len(imaged)
-            descs = {it.item_id: o.strip() for it, o in zip(imaged, outs)}
+            descs = {it.item_id: neutralise(o) for it, o in zip(imaged, outs)}
         texts = self.llm.generate([self.p_text.request(title=it.title, text=it.text or it.title)
                                    for it in chunk], max_new_tokens=self.cfg.text_tokens)
         self.model_calls += len(chunk)
-        text_sum = {it.item_id: o.strip() for it, o in zip(chunk, texts)}
+        text_sum = {it.item_id: neutralise(o) for it, o in zip(chunk, texts)}
         fused: dict[str, str] = {}
         if imaged and self.cfg.fuse:
             outs = self.llm.generate([self.p_fuse.request(title=it.title, image_description=descs[it.item_id],
                                                           text_summary=text_sum[it.item_id]) for it in imaged],
                                      max_new_tokens=self.cfg.fuse_tokens)
             self.model_calls += len(imaged)
-            fused = {it.item_id: o.strip() for it, o in zip(imaged, outs)}
+            fused = {it.item_id: neutralise(o) for it, o in zip(imaged, outs)}
         result = []
         for it in chunk:
             d, t = descs.get(it.item_id, ""), text_sum[it.item_id]
             summary = fused.get(it.item_id) or " ".join(x for x in (d, t) if x)
             # The title is kept with every summary: a small model may drop it, and it is not secret.
-            if it.title and it.title.lower() not in summary.lower():
-                summary = f"{it.title}. {summary}"
+            title = neutralise(it.title, 200)
+            if title and title.lower() not in summary.lower():
+                summary = f"{title}. {summary}"
             result.append(ItemSummary(it.item_id, keys[it.item_id], summary, d, t))
         return result

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from mllm_msr.data.schema import Item
 from mllm_msr.models.base import ModelBackend
-from mllm_msr.prompts import load_prompt, render_items
+from mllm_msr.prompts import load_prompt, neutralise, render_items
 from mllm_msr.stores.summaries import ItemSummary, SummaryStore, UserSummaryVersion, digest
 
 EMPTY_SUMMARY = "Nothing yet: this is the user's first block of items."
@@ -97,7 +97,7 @@ class UserMemory:
             for (uid, key, block, ts), text in zip(todo, outs):
                 prev = latest[uid]
                 covered = (prev.covered if prev else ()) + tuple(block)
-                v = UserSummaryVersion(uid, step, key, text.strip(), covered, ts, self.p_block.version,
+                v = UserSummaryVersion(uid, step, key, neutralise(text), covered, ts, self.p_block.version,
                                        self.llm.model_id)
                 latest[uid] = v
                 new.append(v)
@@ -125,7 +125,7 @@ class UserMemory:
             outs = self.llm.generate([self.p_direct.request(items=self._lines(h.items, catalog, summaries))
                                       for h, _ in todo], max_new_tokens=self.cfg.max_new_tokens)
             self.model_calls += len(todo)
-            new = [UserSummaryVersion(h.user_id, 0, key, text.strip(), tuple(h.items),
+            new = [UserSummaryVersion(h.user_id, 0, key, neutralise(text), tuple(h.items),
                                       h.timestamps[-1] if h.timestamps else float(len(h.items)),
                                       self.p_direct.version, self.llm.model_id)
                    for (h, key), text in zip(todo, outs)]
@@ -140,7 +140,8 @@ class UserMemory:
         """A chat message becomes a new stored summary version (source='feedback')."""
         prev_text = current.summary if current else EMPTY_SUMMARY
         text = self.llm.generate([self.p_feedback.request(previous_summary=prev_text, feedback=feedback)],
-                                 max_new_tokens=self.cfg.max_new_tokens)[0].strip()
+                                 max_new_tokens=self.cfg.max_new_tokens)[0]
+        text = neutralise(text)
         self.model_calls += 1
         step = (current.step + 1) if current else 0
         key = digest("user-feedback", user_id, current.key if current else None, feedback,
