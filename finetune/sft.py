@@ -63,6 +63,7 @@ class SFTConfig(BaseModel):
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: str = Field(LM_TARGET_MODULES, description="Regex (full match on module names) of the LoRA'd modules: the language model's q,k,v,o,gate,up,down projections, never the vision tower.")
+    lora_top_layers: int = Field(0, ge=0, description="LoRA only the top N decoder layers (0 = all). Backward then stops at the lowest adapted layer: fewer layers = faster CPU steps.")
     learning_rate: float = Field(5e-4, gt=0.0, description="Peak AdamW learning rate (paper 2e-5 for 7B; a 135M model with LoRA needs ~1e-4..1e-3).")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     epochs: float = Field(3.0, gt=0.0, description="Passes over the training examples (ignored when max_steps > 0).")
@@ -387,11 +388,27 @@ def score_rows(model, rows: Sequence[dict[str, Any]], yes_id: int, no_id: int, p
     return out
 
 
-def lora_config(cfg: SFTConfig):
+def _n_layers(model_or_config) -> int:
+    c = getattr(model_or_config, "config", model_or_config)
+    c = getattr(c, "text_config", None) or c
+    return int(c.num_hidden_layers)
+
+
+def target_regex(cfg: SFTConfig, n_layers: int | None = None) -> str:
+    """``cfg.target_modules`` restricted to the top ``cfg.lora_top_layers`` layers when set."""
+    if not cfg.lora_top_layers or n_layers is None or cfg.lora_top_layers >= n_layers:
+        return cfg.target_modules
+    top = "|".join(str(i) for i in range(n_layers - cfg.lora_top_layers, n_layers))
+    if r"\.layers\.\d+\." not in cfg.target_modules:
+        raise ValueError("lora_top_layers needs a target_modules regex containing '\\.layers\\.\\d+\\.'")
+    return cfg.target_modules.replace(r"\.layers\.\d+\.", rf"\.layers\.(?:{top})\.")
+
+
+def lora_config(cfg: SFTConfig, n_layers: int | None = None):
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, bias="none", task_type="CAUSAL_LM",
+                      target_modules=target_regex(cfg, n_layers), bias="none", task_type="CAUSAL_LM",
                       modules_to_save=["connector", "vision_model"] if cfg.train_connector else None)
 
 
@@ -510,7 +527,7 @@ def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], mo
     model = be.model
     model.config.use_cache = False
     set_seed(cfg.seed)
-    model = get_peft_model(model, lora_config(cfg))
+    model = get_peft_model(model, lora_config(cfg, _n_layers(model)))
     lora_modules = _check_lm_only(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.train()
@@ -601,6 +618,148 @@ def copy_adapter(src: str | Path, dst: str | Path, extra: Iterable[str] = ("sft_
     return dst
 
 
+# ------------------------------------------------------------------------------- benchmark
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _histories(splits, users: Sequence[str], cases=None):
+    """(user → history window used for the summaries, user → window + target)."""
+    from mllm_msr.agents.user_memory import UserHistory
+
+    hist, full = {}, {}
+    if cases is None:
+        pos = {ex.user_id: ex for ex in splits.train if ex.label == 1}  # latest positive per user
+        for ex in splits.train:
+            if ex.label == 1 and len(ex.history) >= len(pos[ex.user_id].history):
+                pos[ex.user_id] = ex
+        for u in users:
+            if u in pos:
+                ex = pos[u]
+                hist[u] = UserHistory(u, tuple(ex.history), tuple(ex.history_timestamps))
+                full[u] = (*ex.history, ex.item_id)
+    else:
+        for c in cases:
+            hist[c.user_id] = UserHistory(c.user_id, tuple(c.history), tuple(c.history_timestamps))
+            full[c.user_id] = (*c.history, c.target)
+    return hist, full
+
+
+def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str] = (),
+                  sft_cfg: SFTConfig | None = None, work_dir: str | Path = "runs/sft",
+                  ship: str | Path | None = None, max_test_users: int | None = None,
+                  resume: bool = False, max_train_users: int | None = None,
+                  command: str | None = None) -> dict[str, Any]:
+    """The whole stage 2 on the configured dataset (default: the bundled benchmark).
+
+    1. item summaries + recurrent user summaries for the TRAIN and VALID users (the pipeline's own
+       agents, cached in ``work_dir/store``); 2. SFT examples from the stored versions
+       (:func:`examples_from_store`); 3. test metrics zero-shot (no adapter); 4. LoRA SFT, held-out
+       AUC on the valid users' examples; 5. test metrics with the adapter; 6. PROVENANCE.json
+       (and a copy of the adapter in ``ship``)."""
+    from mllm_msr.config import load_config
+    from mllm_msr.data.protocol import build_splits
+    from mllm_msr.runner import run_cases
+    from mllm_msr.services import build_services, load_data
+
+    t_all = time.perf_counter()
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    base_ov = [f"store.path={work / 'store' / 'chroma'}", "recommender.adapter=null"]
+    cfg = load_config(config, [*base_ov, *msr_overrides])
+    sft_cfg = (sft_cfg or SFTConfig()).model_copy(update={"output_dir": str(work / "adapter")})
+    ds = load_data(cfg)
+    splits = build_splits(ds, cfg.protocol)
+    catalog = ds.items
+    services = build_services(cfg, ds)
+    backend = services.recommender.backend
+    model_dir = getattr(backend, "model_path", None)
+    if model_dir is None:
+        raise ValueError("SFT needs the scorer to be a transformers backend over a local folder")
+    timings: dict[str, float] = {}
+
+    # 1. summaries for train + valid users
+    train_users = list(splits.train_users)[: max_train_users or None]
+    h_tr, f_tr = _histories(splits, train_users)
+    h_va, f_va = _histories(splits, splits.valid_users, splits.valid)
+    hist = {**h_tr, **h_va}
+    t0 = time.perf_counter()
+    ids = list(dict.fromkeys(i for h in hist.values() for i in h.items))
+    log.info("item summaries for %d items (train+valid histories)", len(ids))
+    summaries = services.summarizer.summarize([catalog[i] for i in ids])
+    timings["item_summaries_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    log.info("recurrent user summaries for %d users", len(hist))
+    services.memory.update_many(list(hist.values()), catalog, summaries)
+    timings["user_summaries_s"] = time.perf_counter() - t0
+
+    # 2. examples
+    train_ex = examples_from_store(services.store, f_tr, f_tr, catalog, seed=cfg.seed)
+    valid_ex = examples_from_store(services.store, f_va, f_va, catalog, seed=cfg.seed)
+    save_examples_jsonl(train_ex, work / "train_examples.jsonl")
+    save_examples_jsonl(valid_ex, work / "valid_examples.jsonl")
+    log.info("SFT examples: %d train, %d valid", len(train_ex), len(valid_ex))
+
+    # 3. zero-shot test
+    cases = splits.test[: max_test_users or cfg.max_test_users or len(splits.test)]
+    t0 = time.perf_counter()
+    before = run_cases(services, cases, work / "test_zero_shot", show_progress=False)
+    timings["test_zero_shot_s"] = time.perf_counter() - t0
+    backend.close()
+    del services, backend
+
+    # 4. SFT
+    train_metrics = train_sft(sft_cfg, train_ex, model_dir, valid_ex, resume_from_checkpoint=resume or None)
+    timings["sft_s"] = train_metrics["wall_s"]
+
+    # 5. test with the adapter
+    name = sft_cfg.adapter_name
+    cfg_after = load_config(config, [*base_ov, *msr_overrides, f"recommender.adapter={name}",
+                                     f"scorer.adapters={{{name}: {sft_cfg.output_dir}}}"])
+    services = build_services(cfg_after, ds)
+    t0 = time.perf_counter()
+    after = run_cases(services, cases, work / "test_adapter", show_progress=False)
+    timings["test_adapter_s"] = time.perf_counter() - t0
+    services.recommender.backend.close()
+    timings["total_s"] = time.perf_counter() - t_all
+
+    out = Path(sft_cfg.output_dir)
+    prov = {
+        "what": "LoRA adapter of the yes/no recommender (MLLM-MSR stage 2), answer-only loss",
+        "command": command or "python -m mllm_msr.finetune.sft benchmark ...",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "base_model": {"path": str(model_dir),
+                       "build": json.loads((Path(model_dir) / "msr_build.json").read_text())
+                       if (Path(model_dir) / "msr_build.json").exists() else None},
+        "data": {"dataset": cfg.dataset, "synth": cfg.synth.model_dump() if cfg.dataset == "synth" else None,
+                 "synth_config_hash": cfg.synth.config_hash() if cfg.dataset == "synth" else None,
+                 "protocol": cfg.protocol.model_dump(), "splits": splits.summary(),
+                 "sft_train_examples": len(train_ex), "sft_valid_examples": len(valid_ex),
+                 "sft_train_users": len(f_tr), "test_users": len(cases)},
+        "seed": sft_cfg.seed,
+        "sft_config": json.loads(sft_cfg.model_dump_json()),
+        "msr_config": json.loads(cfg_after.model_dump_json()),
+        "training": {k: v for k, v in train_metrics.items()},
+        "test_zero_shot": before,
+        "test_adapter": after,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "adapter_sha256": _sha256(out / "adapter_model.safetensors"),
+        "adapter_bytes": (out / "adapter_model.safetensors").stat().st_size,
+    }
+    (out / "PROVENANCE.json").write_text(json.dumps(prov, indent=1, default=str))
+    if ship:
+        copy_adapter(out, ship, extra=("sft_config.json", "train_log.json", "PROVENANCE.json"))
+    return {"metrics": {"zero_shot": before["metrics"], "adapter": after["metrics"],
+                        "valid": train_metrics.get("eval"), "timings_s": prov["timings_s"]},
+            "provenance": str(out / "PROVENANCE.json")}
+
+
 # ------------------------------------------------------------------------------------- CLI
 def _sft_cfg(overrides: Sequence[str], base: SFTConfig | None = None) -> SFTConfig:
     import yaml
@@ -634,6 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--work-dir", default="runs/sft", help="Where the store, runs and adapter go.")
     b.add_argument("--ship", help="Copy the final adapter + PROVENANCE.json here (e.g. mllm_msr/weights/rec_adapter).")
     b.add_argument("--max-test-users", type=int)
+    b.add_argument("--max-train-users", type=int)
     b.add_argument("--resume", action="store_true")
     m = sub.add_parser("merge", help="Merge an adapter into a full model folder.")
     m.add_argument("--model-dir", required=True)
@@ -652,11 +812,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif ns.cmd == "merge":
         print(merge_and_export(ns.model_dir, ns.adapter, ns.out))
     else:
-        from mllm_msr.finetune.sft_pipeline import run_benchmark
+        import sys
 
         res = run_benchmark(config=ns.config, msr_overrides=ns.msr_set, sft_cfg=_sft_cfg(ns.set),
                             work_dir=ns.work_dir, ship=ns.ship, max_test_users=ns.max_test_users,
-                            resume=ns.resume)
+                            resume=ns.resume, max_train_users=ns.max_train_users,
+                            command=" ".join(["python -m mllm_msr.finetune.sft", *sys.argv[1:]]))
         print(json.dumps(res.get("metrics", res), indent=1))
     return 0
 
