@@ -679,9 +679,9 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
     catalog = ds.items
     services = build_services(cfg, ds)
     backend = services.recommender.backend
-    model_dir = getattr(backend, "model_path", None)
-    if model_dir is None:
-        raise ValueError("SFT needs the scorer to be a transformers backend over a local folder")
+    from mllm_msr.models.factory import resolve_model_path
+
+    model_dir = Path(resolve_model_path(cfg.scorer.model))  # training always runs in transformers
     timings: dict[str, float] = {}
 
     # 1. summaries for train + valid users
