@@ -350,6 +350,18 @@ def test_vllm_server_generate_images_and_score(vllm_server, hf, tiny_images):
 
 
 @pytest.mark.slow
+def test_managed_server_death_reports_log_tail(tiny_idefics3, tmp_path):
+    from mllm_msr.models.vllm_backend import ManagedVLLMServer
+
+    with pytest.raises(BackendError, match="not a local HF model folder"):
+        ManagedVLLMServer(tmp_path / "missing", work_dir=tmp_path).start()
+    server = ManagedVLLMServer(tiny_idefics3, extra_args=["--no-such-flag"], work_dir=tmp_path)
+    with pytest.raises(BackendError, match="(?s)exited with code.*no-such-flag"):
+        server.start()
+    assert server.proc is None
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter", [None, "rec"])
 def test_three_backends_agree(vllm_server, vllm_inproc, hf, tiny_images, adapter):
     reqs = mixed_requests(tiny_images, adapter) + candidates(tiny_images, 6, adapter)

@@ -320,6 +320,8 @@ class ManagedVLLMServer:
     def start(self) -> "ManagedVLLMServer":
         if self.proc is not None:
             return self
+        if not (Path(self.model_path) / "config.json").exists():  # hub access is off: fail fast
+            raise BackendError(f"{self.model_path} is not a local HF model folder (no config.json)")
         t0 = time.perf_counter()
         log_f = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.command(), stdout=log_f, stderr=subprocess.STDOUT,
