@@ -1,0 +1,164 @@
+"""`msr eval` harness: outputs, caching per row and seed, confidence intervals, CLI wiring."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from mllm_msr.data.loaders import load_microlens
+from mllm_msr.data.protocol import ProtocolConfig
+from mllm_msr.data.synth import SynthConfig, generate_benchmark
+from mllm_msr.evaluation import baselines, harness
+from mllm_msr.evaluation.baselines import BaselineConfig
+from mllm_msr.evaluation.harness import EvalContext, parse_rows, run_eval
+
+torch.set_num_threads(1)
+FAST = BaselineConfig(epochs=3, dim=8, batch_size=16)
+ROWS = ["popularity", "gru4rec", "sasrec", "sasrec_image"]
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    root = generate_benchmark(tmp_path_factory.mktemp("synth") / "b",
+                              SynthConfig(n_users=40, n_items=60, seed=1, image_size=32))
+    return load_microlens(root)
+
+
+def _ctx(ds, out, **kw):
+    return EvalContext(dataset=ds, protocol=ProtocolConfig(), out_dir=out, baseline_cfg=FAST, **kw)
+
+
+@pytest.fixture()
+def fit_calls(monkeypatch):
+    calls = []
+    for name, cls in baselines.BASELINES.items():
+        orig = cls.fit
+
+        def counted(self, *a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(cls, "fit", counted)
+    return calls
+
+
+def test_parse_rows():
+    assert parse_rows("baselines,mllm_msr") == [*ROWS, "mllm_msr"]
+    assert parse_rows("blocks") == ["block_1", "block_2", "block_3", "block_4", "block_6"]
+    assert parse_rows(None) == list(harness.DEFAULT_ROWS)
+    with pytest.raises(ValueError, match="unknown row"):
+        parse_rows("sasrec,nope")
+
+
+def test_outputs_cache_and_ci(ds, tmp_path, fit_calls):
+    out = tmp_path / "run"
+    res = run_eval(_ctx(ds, out), ROWS, [0, 1])
+    ev = out / "eval"
+    for f in ("table.md", "results.csv", "results.json", "plot_auc.png", "plot_hr5.png",
+              "plot_mrr5.png", "plot_ndcg5.png"):
+        assert (ev / f).is_file() and (ev / f).stat().st_size > 0, f
+    for r in ROWS:
+        assert (ev / r / "0.json").is_file() and (ev / r / "1.json").is_file()
+    assert sorted(fit_calls) == sorted(ROWS * 2)
+
+    table = (ev / "table.md").read_text()
+    for label in ("Popularity", "GRU4Rec", "SASRec", "SASRec+image"):
+        assert f"| {label} |" in table
+    assert "AUC" in table and "HR@5" in table and "MRR@5" in table and "NDCG@5" in table
+    with open(ev / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["row"], r["seed"]) for r in rows) == sorted((r, s) for r in ROWS for s in ("0", "1"))
+    data = json.loads((ev / "results.json").read_text())
+    assert set(data["rows"]) == set(ROWS)
+    # two different protocol seeds: different splits/negatives -> positive CI half-width
+    pop = data["rows"]["popularity"]["summary"]["auc"]
+    assert pop["values"][0] != pop["values"][1] and pop["ci"] > 0
+    # same splits and candidates for every row of a seed
+    c0 = {r: [c["candidates"] for c in res["rows"][r]["per_seed"][0]["cases"]] for r in ROWS}
+    assert all(v == c0["popularity"] for v in c0.values())
+
+    # second invocation: everything from the cache, no fit
+    fit_calls.clear()
+    res2 = run_eval(_ctx(ds, out), ROWS, [0, 1])
+    assert fit_calls == []
+    assert res2["summary"]["sasrec"]["auc"]["mean"] == res["summary"]["sasrec"]["auc"]["mean"]
+    # one seed: half-width 0; a new row or seed computes only what is missing
+    res3 = run_eval(_ctx(ds, out), ["popularity", "sasrec"], [0])
+    assert fit_calls == [] and res3["summary"]["sasrec"]["auc"]["ci"] == 0.0
+    run_eval(_ctx(ds, out), ["popularity", "sasrec"], [0, 1, 2])
+    assert sorted(fit_calls) == ["popularity", "sasrec"]
+    # changed baseline settings invalidate the cache of the trained rows
+    fit_calls.clear()
+    run_eval(EvalContext(dataset=ds, protocol=ProtocolConfig(), out_dir=out,
+                         baseline_cfg=FAST.model_copy(update={"dim": 12})), ["sasrec"], [0])
+    assert fit_calls == ["sasrec"]
+
+
+def test_llm_rows_without_config_and_text_only(ds, tmp_path, fit_calls):
+    from dataclasses import replace
+
+    text_only = replace(ds, items={k: replace(v, image_path=None) for k, v in ds.items.items()}, has_images=False)
+    res = run_eval(_ctx(text_only, tmp_path), ["popularity", "sasrec_image", "mllm_msr"], [0])
+    rows = res["rows"]
+    assert rows["popularity"]["status"] == "ok"
+    assert rows["sasrec_image"]["status"] == "not run" and "no cover images" in rows["sasrec_image"]["reason"]
+    assert rows["mllm_msr"]["status"] == "not run"
+    table = (tmp_path / "eval" / "table.md").read_text()
+    assert "not run" in table
+    assert fit_calls == ["popularity"]
+
+
+def test_cli_registers_eval():
+    from typer.testing import CliRunner
+
+    from mllm_msr.cli import app
+
+    res = CliRunner().invoke(app, ["eval", "--help"])
+    assert res.exit_code == 0 and "--rows" in res.output and "--seeds" in res.output
+
+
+def test_llm_rows_through_runner_with_fake_models(ds, tmp_path):
+    """LLM rows run through run_cases with config variants, cached like the baselines."""
+    import itertools
+
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    from mllm_msr.config import load_config
+    from mllm_msr.models.base import ModelBackend
+    from mllm_msr.models.factory import LangChainChatBackend
+    from mllm_msr.services import build_services
+    from mllm_msr.stores.summaries import SummaryStore
+
+    class LenScorer(ModelBackend):
+        model_id = "len-scorer"
+
+        def generate(self, requests, **kw):  # pragma: no cover
+            raise NotImplementedError
+
+        def score_yes_no(self, requests):
+            return [(len(str(r.messages)) % 97) / 97 for r in requests]
+
+    chat = LangChainChatBackend(GenericFakeChatModel(messages=itertools.cycle([AIMessage("A red mystery.")])))
+    chat.model_id = "fake-chat"
+    cfg = load_config(None, [f"store.path={tmp_path / 'chroma'}", f"run_dir={tmp_path / 'run'}"])
+    store = SummaryStore(cfg.store)
+    seen = []
+
+    def factory(c, dataset):
+        seen.append((c.recommender.adapter, c.memory.mode, c.memory.block_size))
+        return build_services(c, dataset, generator=chat, scorer=LenScorer(), store=store)
+
+    ctx = _ctx(ds, tmp_path / "run", msr_cfg=cfg, users=2, services_factory=factory)
+    res = run_eval(ctx, ["popularity", "zero_shot", "no_recurrence", "block_2"], [0, 1])
+    rows = res["rows"]
+    assert all(rows[k]["status"] == "ok" for k in rows), {k: rows[k]["reason"] for k in rows}
+    assert sorted(rows["zero_shot"]["per_seed"]) == [0]  # llm_seeds=1
+    assert rows["zero_shot"]["per_seed"][0]["n_cases"] == 2
+    assert set(seen) == {(None, "recurrent", 3), ("rec", "direct", 3), ("rec", "recurrent", 2)}
+    table = (tmp_path / "run" / "eval" / "table.md").read_text()
+    assert "same 2 test users" in table and (tmp_path / "run" / "eval" / "block_size.png").is_file()
+    seen.clear()
+    run_eval(ctx, ["zero_shot", "no_recurrence", "block_2"], [0])
+    assert seen == []
