@@ -268,6 +268,36 @@ def finetune_sft(ctx: typer.Context) -> None:
     raise typer.Exit(sft_main(ctx.args))
 
 
+@prompts_app.command("eval")
+def prompts_eval(a: Path = typer.Argument(..., help="Prompt folder A (e.g. the packaged prompts/)."),
+                 b: Path = typer.Argument(..., help="Prompt folder B (may hold only the changed files)."),
+                 users: int = typer.Option(8, help="Test users sampled (the same for both)."),
+                 config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Run two prompt versions on the same users; print metric differences (B − A) with 95% CIs."""
+    from mllm_msr.data.protocol import build_splits
+    from mllm_msr.evaluation.prompt_eval import compare, complete_prompt_dir, with_prompts
+    from mllm_msr.services import build_services, load_data, make_backends, resolve_adapter
+    from mllm_msr.stores.summaries import SummaryStore
+
+    cfg = resolve_adapter(_cfg(config, set_))
+    work = Path(cfg.run_dir) / "prompt-eval"
+    work.mkdir(parents=True, exist_ok=True)
+    da, db = complete_prompt_dir(a, work), complete_prompt_dir(b, work)
+    ds = load_data(cfg)
+    cases = build_splits(ds, cfg.protocol).test[:users]
+    gen, sc = make_backends(cfg)
+    store = SummaryStore(cfg.store)
+    res = compare(lambda d: build_services(with_prompts(cfg, d), ds, generator=gen, scorer=sc, store=store),
+                  cases, da, db, work)
+    t = Table(title=f"prompts B − A on {res['users']} users (paired bootstrap 95% CI)")
+    for col in ("metric", "A", "B", "B − A", "95% CI"):
+        t.add_column(col)
+    for m, d in res["diff_b_minus_a"].items():
+        t.add_row(m, f"{d['A']:.4f}", f"{d['B']:.4f}", f"{d['diff']:+.4f}", f"[{d['low']:+.4f}, {d['high']:+.4f}]")
+    console.print(t)
+    console.print(f"model calls: {res['model_calls']}")
+
+
 @app.command("web")
 def web(port: int = typer.Option(8765, help="Port on 127.0.0.1."),
         users: int = typer.Option(12, help="How many test users to list."),

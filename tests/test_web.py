@@ -49,3 +49,32 @@ def test_chat_box_updates_memory_and_shows_the_reply(client):
     assert r.status_code == 200
     assert "id='reply'" in r.text and "Your taste as I understand it" in r.text
     assert "feedback" in r.text  # the new summary version is listed in the evolution table
+
+
+def test_prompt_workbench_compares_two_prompt_folders_and_caches(tmp_path):
+    from mllm_msr.evaluation.prompt_eval import compare, complete_prompt_dir, with_prompts
+    from mllm_msr.prompts import PROMPT_DIR
+
+    ds = load_microlens(generate_benchmark(tmp_path / "synth", SynthConfig(n_users=20, n_items=40, seed=6)))
+    cfg = MSRConfig(store=StoreConfig(path=str(tmp_path / "chroma")), recommender=RecommenderConfig(adapter=None))
+    edited = tmp_path / "mine"
+    edited.mkdir()
+    (edited / "user_block.yaml").write_text((PROMPT_DIR / "user_block.yaml").read_text()
+                                           .replace("one or two sentences", "one sentence"))
+    work = tmp_path / "work"
+    da, db = complete_prompt_dir(PROMPT_DIR, work), complete_prompt_dir(edited, work)
+    assert da != db and (db / "item_text.yaml").read_text() == (PROMPT_DIR / "item_text.yaml").read_text()
+    chat, scorer = CountingChat(), OverlapScorer()
+    from mllm_msr.stores.summaries import SummaryStore
+
+    store = SummaryStore(cfg.store)
+    cases = build_splits(ds, ProtocolConfig()).test
+    mk = lambda d: build_services(with_prompts(cfg, d), ds, generator=chat, scorer=scorer, store=store)
+    res = compare(mk, cases, da, db, work, show_progress=False)
+    # only the user prompt differs: B re-used every item summary and redid the user summaries
+    assert res["model_calls"]["B"]["item_summaries"] == 0 and res["model_calls"]["B"]["user_summaries"] > 0
+    assert set(res["diff_b_minus_a"]) >= {"hr@5", "ndcg@5"}
+    d = res["diff_b_minus_a"]["hr@5"]
+    assert d["low"] <= d["diff"] <= d["high"]
+    again = compare(mk, cases, da, db, work, show_progress=False)
+    assert again["model_calls"]["A"] == again["model_calls"]["B"] == {"item_summaries": 0, "user_summaries": 0, "scored_pairs": 0}
