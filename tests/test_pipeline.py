@@ -188,3 +188,19 @@ def test_injected_control_tokens_never_reach_stored_summaries(services, dataset)
         for tok in ("<|im_start|>", "<|im_end|>", "<image>", "[INST]"):
             assert tok not in text
     assert "likes red" in v.summary
+
+
+def test_documented_custom_graph_example_composes_library_nodes(services, dataset):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("custom_graph", Path(__file__).parent.parent / "examples" / "custom_graph.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    services.summarizer.summarize(list(dataset.items.values()))
+    uid = dataset.users[4]
+    hist = [i.item_id for i in dataset.sequences()[uid]]
+    banned = "mystery"
+    out = mod.build_custom_graph(services, {banned}).invoke({"user_id": uid, "history": hist})
+    assert out["ranking"] and all(banned not in r["title"].lower() for r in out["ranking"])
+    dropped = next(e for e in out["events"] if e["node"] == "ban_filter")["dropped"]
+    assert dropped == services.retrieve_n - len(out["ranking"])
