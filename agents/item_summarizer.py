@@ -20,6 +20,10 @@ from mllm_msr.prompts import Prompt, load_prompt, neutralise
 from mllm_msr.stores.summaries import ItemSummary, SummaryStore, digest, file_digest
 
 
+# Bump when the code that renders prompt values changes, so cached summaries are recomputed.
+SUMMARIZER_VERSION = 2
+
+
 class ItemSummarizerConfig(BaseModel):
     """How items are summarised."""
 
@@ -48,7 +52,7 @@ class ItemSummarizer:
 
     def key(self, item: Item) -> str:
         with_image = self.cfg.use_images and item.image_path is not None
-        return digest("item", file_digest(item.image_path) if with_image else None, item.title, item.text,
+        return digest("item", SUMMARIZER_VERSION, file_digest(item.image_path) if with_image else None, item.title, item.text,
                       self.p_image.version if with_image else None, self.p_text.version,
                       self.p_fuse.version if (with_image and self.cfg.fuse) else None,
                       self.mllm.model_id if with_image else None, self.llm.model_id)
@@ -85,7 +89,7 @@ class ItemSummarizer:
                                       max_new_tokens=self.cfg.image_tokens)
             self.model_calls += len(imaged)
             descs = {it.item_id: neutralise(o) for it, o in zip(imaged, outs)}
-        texts = self.llm.generate([self.p_text.request(title=it.title, text=it.text or it.title)
+        texts = self.llm.generate([self.p_text.request(title=it.title, text=it.text or "none")
                                    for it in chunk], max_new_tokens=self.cfg.text_tokens)
         self.model_calls += len(chunk)
         text_sum = {it.item_id: neutralise(o) for it, o in zip(chunk, texts)}
