@@ -300,12 +300,26 @@ def _text_list(value: Any) -> list[str]:
     return []
 
 
-def load_amazon2023(reviews_jsonl: Path, meta_jsonl: Path, image_dir: Path | None = None) -> Dataset:
+def _first_image_url(row: dict) -> str | None:
+    imgs = row.get("images")
+    if isinstance(imgs, list):
+        for im in imgs:
+            if isinstance(im, dict):
+                for k in ("large", "hi_res", "thumb"):
+                    if isinstance(im.get(k), str) and im[k].strip():
+                        return im[k].strip()
+    return None
+
+
+def load_amazon2023(reviews_jsonl: Path, meta_jsonl: Path, image_dir: Path | None = None,
+                    remote_images: "RemoteImageConfig | None" = None) -> Dataset:
     """Amazon Reviews 2023: reviews (``user_id, parent_asin, rating, timestamp`` in ms) joined with
     meta (``parent_asin, title, description, features, images``) on ``parent_asin``.
 
-    Images come only from ``image_dir`` as ``{parent_asin}.<ext>``; URLs are never fetched.
+    Images come from ``image_dir`` as ``{parent_asin}.<ext>``. The ``images[*].large`` URLs are
+    fetched only when ``remote_images.enabled`` (http(s), size and time limits) into ``image_dir``.
     """
+    from mllm_msr.data.remote import RemoteImageError, fetch_image
     reviews_jsonl, meta_jsonl = _require(reviews_jsonl, "reviews JSONL"), _require(meta_jsonl, "meta JSONL")
     report = LoadReport()
     img_root = Path(image_dir) if image_dir is not None else None
@@ -328,7 +342,14 @@ def load_amazon2023(reviews_jsonl: Path, meta_jsonl: Path, image_dir: Path | Non
         attrs = {k: str(row[k]) for k in ("main_category", "store") if isinstance(row.get(k), str)}
         image = None
         if img_root is not None:
-            image = check_image(_find_image(img_root, asin, index), img_root, report, asin)
+            local = _find_image(img_root, asin, index)
+            url = _first_image_url(row)
+            if not local.is_file() and url and remote_images is not None and remote_images.enabled:
+                try:
+                    local = fetch_image(url, img_root / f"{asin}.jpg", remote_images)
+                except (RemoteImageError, DataError) as e:
+                    _warn(report, "remote_image_failed", f"{meta_jsonl}:{n}: item {asin!r}: {e}")
+            image = check_image(local, img_root, report, asin)
         items[asin] = Item(asin, title, text, image, attrs)
     raw = []
     for n, row in _jsonl(reviews_jsonl, report):
