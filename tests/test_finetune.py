@@ -215,3 +215,16 @@ def test_jsonl_round_trip(tmp_path, cover):
            [(e.user_summary, e.item.item_id, e.item.title, e.item.image_path, e.label) for e in exs]
     with pytest.raises(ValueError):
         sft.build_sft_examples([("s", Item("x", "t"), "maybe")])
+
+
+def test_top_layers_regex_keeps_vision_out():
+    import re
+
+    rx = sft.target_regex(sft.SFTConfig(lora_top_layers=2), 30)
+    assert re.fullmatch(rx, "model.text_model.layers.29.self_attn.q_proj")
+    assert re.fullmatch(rx, "model.text_model.layers.28.mlp.down_proj")
+    assert not re.fullmatch(rx, "model.text_model.layers.27.mlp.down_proj")
+    assert not re.fullmatch(rx, "model.vision_model.encoder.layers.29.self_attn.q_proj")
+    full = sft.target_regex(sft.SFTConfig(lora_top_layers=0), 30)
+    assert re.fullmatch(full, "model.layers.3.mlp.up_proj")  # text-only causal LMs too
+    assert not re.fullmatch(full, "model.vision_model.encoder.layers.0.self_attn.k_proj")
