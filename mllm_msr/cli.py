@@ -243,7 +243,8 @@ def chat(user: str = typer.Option(..., "--user", "-u", help="User id."),
         if text.strip().lower() in {"quit", "exit"}:
             break
         state = graph.invoke({"user_id": user, "history": hist, "messages": [HumanMessage(text)]}, conf)
-        console.print(f"[bold green]msr>[/] {state['messages'][-1].content}", markup=False, highlight=False)
+        console.print("[bold green]msr>[/] ", end="")
+        console.print(str(state["messages"][-1].content), markup=False, highlight=False)
 
 
 _PASS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
