@@ -20,6 +20,7 @@ class RecommenderConfig(BaseModel):
 
     use_images: bool = Field(True, description="Show the candidate's cover to the MLLM (off: title only).")
     adapter: str | None = Field("rec", description="LoRA adapter name to score with (None = base model, zero-shot).")
+    recent_items: int = Field(3, ge=0, description="Also show the summaries of the user's last N history items after the preference summary (0 = the paper's prompt exactly). The embedded 135M summarizer's preference summaries often lose the concrete colours and genres (measured), so the default keeps the latest block's item summaries in view.")
     prompt: str = Field("recommend", description="Prompt file for candidates with an image.")
     text_prompt: str = Field("recommend_text", description="Prompt file for candidates without an image.")
     prompt_dir: str | None = Field(None, description="Folder of prompt files (default: the packaged prompts/).")
@@ -35,6 +36,16 @@ class Recommender:
         self.p_text = load_prompt(self.cfg.text_prompt, self.cfg.prompt_dir)
         self.model_calls = 0
 
+    def context(self, user_summary: str, recent: Sequence[str] = ()) -> str:
+        """The preference text shown to the model: the summary, then the last N items' summaries.
+
+        One function for inference and fine-tuning, so both see the same text."""
+        k = self.cfg.recent_items
+        recent = [r for r in recent if r][-k:] if k else []
+        if not recent:
+            return user_summary
+        return user_summary + " Recently liked: " + " | ".join(recent)
+
     def request(self, user_summary: str, item: Item, adapter: str | None = None) -> ChatRequest:
         """The one prompt used at training and at inference (finetune builds its data with this)."""
         if self.cfg.use_images and item.image_path is not None:
@@ -42,14 +53,17 @@ class Recommender:
                                         title=item.title)
         return self.p_text.request(adapter=adapter, user_summary=user_summary, title=item.title)
 
-    def score(self, user_summary: str, candidates: Sequence[Item]) -> list[float]:
+    def score(self, user_summary: str, candidates: Sequence[Item], recent: Sequence[str] = ()) -> list[float]:
+        """p(yes) per candidate; ``recent``: summaries of the user's latest history items."""
         if not candidates:
             return []
-        reqs = [self.request(user_summary, it, self.cfg.adapter) for it in candidates]
+        text = self.context(user_summary, recent)
+        reqs = [self.request(text, it, self.cfg.adapter) for it in candidates]
         self.model_calls += len(reqs)
         return [float(s) for s in self.backend.score_yes_no(reqs)]
 
-    def rank(self, user_summary: str, candidates: Sequence[Item]) -> list[tuple[str, float]]:
-        scores = self.score(user_summary, candidates)
+    def rank(self, user_summary: str, candidates: Sequence[Item],
+             recent: Sequence[str] = ()) -> list[tuple[str, float]]:
+        scores = self.score(user_summary, candidates, recent)
         return sorted(zip((c.item_id for c in candidates), scores), key=lambda t: -t[1])
 

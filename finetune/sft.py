@@ -33,7 +33,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Callable, Any, Iterable, Mapping, Sequence
 
 from pydantic import BaseModel, Field
 
@@ -152,13 +152,16 @@ def _next_position(seq: Sequence[str], covered: Sequence[str]) -> int | None:
 
 def examples_from_store(store, sequences: Mapping[str, Sequence[Any]], users: Iterable[str],
                         catalog: Mapping[str, Item], *, seed: int = 0, negatives: int = 1,
-                        source: str = "history") -> list[SFTExample]:
+                        source: str = "history",
+                        context: Callable[[str, list[str]], str] | None = None) -> list[SFTExample]:
     """SFT examples from the pipeline's own stored recurrent summaries.
 
     ``sequences``: user → chronological item ids (or Interactions). For each user and each stored
     version (``store.user_history(user)``, ``source`` versions only) covering a window that ends at
     position e of the sequence, ``seq[e]`` is a "yes" and ``negatives`` uniformly drawn items the
-    user never touched are "no" (seeded per user and position)."""
+    user never touched are "no" (seeded per user and position). ``context(summary, history_before_e)``
+    turns the summary into the preference text the recommender shows (``Recommender.context`` with
+    the recent items' summaries), so training sees exactly what inference sees."""
     pool = sorted(catalog)
     out: list[SFTExample] = []
     for u in sorted(set(users)):
@@ -175,10 +178,11 @@ def examples_from_store(store, sequences: Mapping[str, Sequence[Any]], users: It
                 continue
             seen_pos.add(e)
             rng = random.Random(f"{seed}:sft:{u}:{e}")
-            out.append(SFTExample(v.summary, catalog[seq[e]], "yes", u))
+            text = context(v.summary, seq[:e]) if context else v.summary
+            out.append(SFTExample(text, catalog[seq[e]], "yes", u))
             cands = [i for i in pool if i not in touched]
             for neg in rng.sample(cands, min(negatives, len(cands))):
-                out.append(SFTExample(v.summary, catalog[neg], "no", u))
+                out.append(SFTExample(text, catalog[neg], "no", u))
     return out
 
 
@@ -710,8 +714,14 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
     timings["user_summaries_s"] = time.perf_counter() - t0
 
     # 2. examples
-    train_ex = examples_from_store(services.store, f_tr, f_tr, catalog, seed=cfg.seed)
-    valid_ex = examples_from_store(services.store, f_va, f_va, catalog, seed=cfg.seed)
+    rec = services.recommender
+    k = rec.cfg.recent_items
+
+    def context(summary: str, before: list[str]) -> str:
+        return rec.context(summary, [summaries[i].summary for i in before[-k:]] if k else [])
+
+    train_ex = examples_from_store(services.store, f_tr, f_tr, catalog, seed=cfg.seed, context=context)
+    valid_ex = examples_from_store(services.store, f_va, f_va, catalog, seed=cfg.seed, context=context)
     save_examples_jsonl(train_ex, work / "train_examples.jsonl")
     save_examples_jsonl(valid_ex, work / "valid_examples.jsonl")
     log.info("SFT examples: %d train, %d valid", len(train_ex), len(valid_ex))

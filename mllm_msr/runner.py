@@ -25,7 +25,8 @@ from mllm_msr.stores.summaries import digest
 
 def scorer_key(s: Services) -> str:
     r = s.recommender
-    return digest(r.backend.model_id, r.cfg.adapter, r.p_image.version, r.p_text.version, r.cfg.use_images)
+    return digest(r.backend.model_id, r.cfg.adapter, r.p_image.version, r.p_text.version, r.cfg.use_images,
+                  r.cfg.recent_items)
 
 
 def _read_done(path: Path) -> dict[str, dict]:
@@ -78,7 +79,9 @@ def run_cases(s: Services, cases: Sequence[EvalCase], run_dir: str | Path,
                 if key in done:
                     rows.append(done[key])
                 else:
-                    scores = s.recommender.score(summary, [s.catalog[i] for i in c.candidates])
+                    recent = [summaries[i].summary for i in c.history[-s.recommender.cfg.recent_items:]] \
+                        if s.recommender.cfg.recent_items else []
+                    scores = s.recommender.score(summary, [s.catalog[i] for i in c.candidates], recent)
                     row = {"key": key, "user_id": c.user_id, "candidates": list(c.candidates),
                            "labels": list(c.labels), "scores": scores, "summary": summary}
                     f.write(json.dumps(row) + "\n")

@@ -92,7 +92,7 @@ class SynthConfig(BaseModel):
     drift_at: float = Field(0.6, ge=0.0, le=1.0, description="Fraction of a user's sequence after which the liked colour switches (1.0 = no drift).")
     cold_item_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of items held out of every history; they appear only as test users' final targets.")
     cold_target_prob: float = Field(0.5, ge=0.0, le=1.0, description="Probability that a test user's final target is drawn from the cold items.")
-    beta: float = Field(2.0, ge=0.0, description="Preference strength: p(item) ∝ exp(beta * score).")
+    beta: float = Field(3.0, ge=0.0, description="Preference strength: p(item) ∝ exp(beta * score). 3.0: an oracle that knows the attributes of the last 3 history items reaches test AUC ~0.84 (2.0: ~0.65, too weak a signal for a 135M model to learn from ~700 SFT examples).")
     pattern_weight: float = Field(0.5, ge=0.0, description="Weight of the liked pattern in the score (colour and genre weigh 1).")
     split_seed: int = Field(0, description="Seed of the by-user split the cold items are reserved for; equal to ProtocolConfig.seed by default.")
     train_frac: float = Field(0.8, gt=0.0, lt=1.0, description="Training fraction of the by-user split (as ProtocolConfig).")
