@@ -26,31 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import model_path, write_result  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TARGET_GB = 6.0
 RESULTS = Path(__file__).resolve().parent / "results"
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def model_path(spec: str, work: Path) -> Path:
-    """'embedded' (default composite), 'tiny' (random tiny Idefics3, built here) or a folder."""
-    if spec == "tiny":
-        from mllm_msr.models.embedded import build_tiny_idefics3
-
-        return build_tiny_idefics3(work / "tiny")
-    if spec == "embedded":
-        from mllm_msr.models.embedded import ensure_default_model
-
-        return Path(ensure_default_model())
-    return Path(spec)
-
-
-def write_result(out: Path, row: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row) + "\n")
-    print(f"results -> {out}")
 
 
 def _children() -> dict[int, list[int]]:
