@@ -20,6 +20,8 @@ Files written to ``out_dir``: ``synth_pairs.tsv`` (``user\\titem item …`` chro
 """
 from __future__ import annotations
 
+from mllm_msr.paths import msr_home  # noqa: F401 (re-exported)
+
 import csv
 import hashlib
 import json
@@ -105,8 +107,6 @@ class SynthConfig(BaseModel):
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def msr_home() -> Path:
-    return Path(os.environ.get("MSR_HOME", Path.home() / ".cache" / "mllm-msr")).expanduser()
 
 
 def default_benchmark_dir(cfg: SynthConfig | None = None) -> Path:

@@ -15,6 +15,8 @@ into ``<fake_token_around_image><global-img>`` + 16×``<image>`` + ``<fake_token
 """
 from __future__ import annotations
 
+from mllm_msr.paths import msr_home  # noqa: F401 (re-exported)
+
 import hashlib
 import importlib.util
 import json
@@ -58,9 +60,6 @@ _READY = ".msr-ready"
 
 
 # --------------------------------------------------------------------------------------- paths
-def msr_home() -> Path:
-    """``$MSR_HOME`` (default ``~/.cache/mllm-msr``): where built models are cached."""
-    return Path(os.environ.get("MSR_HOME", "~/.cache/mllm-msr")).expanduser()
 
 
 def smollm2_gguf_path() -> Path:
