@@ -34,16 +34,25 @@ def _cfg(config: Optional[Path], sets: Optional[List[str]]):
 
 
 @contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """One run per run folder: a second concurrent run is refused instead of corrupting the store."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            console.print(f"[red]another msr run is using {run_dir}; wait for it or choose --set run_dir=...[/]")
-            raise typer.Exit(2)
+def run_lock(*folders: Path) -> Iterator[None]:
+    """One run per run folder and per local Chroma store: a second concurrent run on either is
+    refused with a clear message instead of two processes writing the same store."""
+    handles = []
+    try:
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            fh = open(folder / ".msr-lock", "w")
+            handles.append(fh)
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                console.print(f"[red]another msr run is using {folder}; wait for it or choose another "
+                              f"run_dir / store.path[/]")
+                raise typer.Exit(2)
         yield
+    finally:
+        for fh in handles:
+            fh.close()
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
@@ -103,7 +112,8 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
 
     cfg = resolve_adapter(_cfg(config, set_))
     run_dir = Path(cfg.run_dir)
-    with run_lock(run_dir):
+    locks = [run_dir] + ([] if cfg.store.host else [Path(cfg.store.path)])
+    with run_lock(*locks):
         ds = load_data(cfg)
         splits = build_splits(ds, cfg.protocol)
         cases = splits.test[: users or cfg.max_test_users or len(splits.test)]

@@ -103,7 +103,15 @@ def test_second_concurrent_run_on_the_same_folder_is_refused(env, tiny_idefics3)
 
     run = env / "locked"
     run.mkdir()
-    with open(run / ".lock", "w") as fh:
+    with open(run / ".msr-lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         res = runner.invoke(app, ["run", "--quiet", *_sets(tiny_idefics3, run)])
     assert res.exit_code == 2 and "another msr run" in res.output
+    # a different run folder on the same store is refused too (the store has its own lock)
+    other = env / "other"
+    store = run / "chroma"
+    store.mkdir()
+    with open(store / ".msr-lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        res = runner.invoke(app, ["run", "--quiet", *_sets(tiny_idefics3, other), "--set", f"store.path={store}"])
+    assert res.exit_code == 2 and str(store) in res.output.replace("\n", "")
