@@ -5,6 +5,7 @@ the served graphs use the same models, prompts and Chroma store as `msr run`.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 from functools import lru_cache
 
@@ -22,11 +23,12 @@ def services() -> Services:
     return build_services(cfg, load_data(cfg))
 
 
-def pipeline():
-    """The MLLM-MSR pipeline graph (the platform supplies the checkpointer)."""
-    return compile_pipeline(services())
+async def pipeline():
+    """The MLLM-MSR pipeline graph (the platform supplies the checkpointer). Building services
+    loads data and models, so it runs in a worker thread, off the server's event loop."""
+    return compile_pipeline(await asyncio.to_thread(services))
 
 
-def chat():
+async def chat():
     """The conversational recommender graph."""
-    return compile_chat(services())
+    return compile_chat(await asyncio.to_thread(services))

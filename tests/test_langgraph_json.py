@@ -2,6 +2,7 @@
 importing them the way the LangGraph server does: by file path and attribute)."""
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 from pathlib import Path
@@ -25,7 +26,7 @@ def test_every_graph_in_langgraph_json_builds(tmp_path, monkeypatch, tiny_idefic
         mspec = importlib.util.spec_from_file_location(f"lg_{name}", ROOT / path)
         mod = importlib.util.module_from_spec(mspec)
         mspec.loader.exec_module(mod)
-        graph = getattr(mod, attr)()
+        graph = asyncio.run(getattr(mod, attr)())
         nodes[name] = set(graph.get_graph().nodes)
     assert {"summarize_items", "update_memory", "retrieve", "recommend"} <= nodes["pipeline"]
     assert {"listen", "retrieve", "recommend", "respond"} <= nodes["chat"]
