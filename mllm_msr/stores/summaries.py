@@ -18,6 +18,7 @@ import chromadb
 from chromadb.api.types import EmbeddingFunction
 from pydantic import BaseModel, Field
 
+from mllm_msr.paths import file_sha256
 from mllm_msr.stores.embeddings import MiniLMEmbedding
 
 ITEMS = "item_summaries"
@@ -38,13 +39,7 @@ def digest(*parts: Any) -> str:
 
 
 def file_digest(path: str | Path | None) -> str:
-    if path is None:
-        return "no-image"
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 16), b""):
-            h.update(chunk)
-    return h.hexdigest()[:24]
+    return "no-image" if path is None else file_sha256(path)[:24]
 
 
 @dataclass(frozen=True)
