@@ -430,7 +430,7 @@ def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
                      f"elapsed/{cfg.max_minutes} min), clip {cfg.max_grad_norm}, batch {cfg.batch_size}; "
                      "language model frozen, shared chat prefix KV-cached",
         "metrics": metrics,
-        "vision_sha256": embedded._file_sha256(wpath),
+        "vision_sha256": embedded.file_sha256(wpath),
         "machine": _machine(), "threads": cfg.threads,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
