@@ -55,6 +55,15 @@ def run_lock(*folders: Path) -> Iterator[None]:
             fh.close()
 
 
+def _user_sequences(ds, user: str) -> dict:
+    """The dataset's sequences, or exit 2 with a clear message when ``user`` is not in it."""
+    seqs = ds.sequences()
+    if user not in seqs:
+        console.print(f"[red]unknown user {user!r} in {ds.name} (e.g. {', '.join(list(seqs)[:5])})[/]")
+        raise typer.Exit(2)
+    return seqs
+
+
 def _print_metrics(title: str, metrics: dict) -> None:
     t = Table(title=title)
     t.add_column("metric")
@@ -140,10 +149,7 @@ def recommend(user: str = typer.Option(..., "--user", "-u", help="User id."),
 
     cfg = resolve_adapter(_cfg(config, set_))
     ds = load_data(cfg)
-    seqs = ds.sequences()
-    if user not in seqs:
-        console.print(f"[red]unknown user {user!r} in {ds.name} (e.g. {', '.join(list(seqs)[:5])})[/]")
-        raise typer.Exit(2)
+    seqs = _user_sequences(ds, user)
     splits = build_splits(ds, cfg.protocol)
     case = next((c for c in (*splits.test, *splits.valid) if c.user_id == user), None)
     if case is not None:
@@ -232,10 +238,7 @@ def chat(user: str = typer.Option(..., "--user", "-u", help="User id."),
 
     cfg = resolve_adapter(_cfg(config, set_))
     ds = load_data(cfg)
-    seqs = ds.sequences()
-    if user not in seqs:
-        console.print(f"[red]unknown user {user!r} (e.g. {', '.join(list(seqs)[:5])})[/]")
-        raise typer.Exit(2)
+    seqs = _user_sequences(ds, user)
     s = build_services(cfg, ds)
     console.print("preparing item summaries (cached after the first time)…")
     summaries = s.summarizer.summarize(list(ds.items.values()))

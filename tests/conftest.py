@@ -40,3 +40,27 @@ def tiny_images(tmp_path_factory):
 def tiny_image(tiny_images):
     """One small PNG cover."""
     return tiny_images[0]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for servers the tests start."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, server, tries: int = 240) -> bytes:
+    """GET ``url`` until it answers; fail with the server's output if it dies or never answers."""
+    import time
+    import urllib.request
+
+    for _ in range(tries):
+        try:
+            return urllib.request.urlopen(url, timeout=2).read()
+        except OSError:
+            if server.poll() is not None:
+                pytest.fail(server.stdout.read()[-3000:])
+            time.sleep(0.5)
+    pytest.fail(f"no answer from {url}")

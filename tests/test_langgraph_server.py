@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port, wait_for_http
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,9 +27,7 @@ def test_langgraph_dev_serves_pipeline_and_chat(tmp_path, tiny_idefics3):
            "store": {"path": str(tmp_path / "chroma")}, "synth": {"n_users": 20, "n_items": 40},
            "recommender": {"adapter": None}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MSR_CONFIG": str(tmp_path / "c.yaml"), "MSR_HOME": str(tmp_path / "home"),
            "OMP_NUM_THREADS": "1"}
     cli = Path(sys.executable).parent / "langgraph"
@@ -39,16 +35,7 @@ def test_langgraph_dev_serves_pipeline_and_chat(tmp_path, tiny_idefics3):
                                "--port", str(port), "--config", str(ROOT / "langgraph.json")],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ok", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    pytest.fail(server.stdout.read()[-3000:])
-                time.sleep(0.5)
-        else:
-            pytest.fail("langgraph dev did not start")
+        wait_for_http(f"http://127.0.0.1:{port}/ok", server)
         ds = load_dataset("synth", config=SynthConfig(n_users=20, n_items=40))
         case = build_splits(ds, ProtocolConfig()).test[0]
 

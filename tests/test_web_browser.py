@@ -6,29 +6,21 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port, wait_for_http
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium not installed (CI installs it)")
 def test_web_demo_renders_in_headless_chromium(tmp_path, tiny_idefics3):
     assert CHROMIUM, "CI must install Debian's chromium"
-    port = _free_port()
+    port = free_port()
     sets = {"generator.model": tiny_idefics3, "scorer.model": tiny_idefics3, "run_dir": tmp_path / "run",
             "store.path": tmp_path / "chroma", "synth.n_users": 20, "synth.n_items": 40, "recommender.adapter": "null"}
     cmd = [sys.executable, "-m", "mllm_msr.cli", "web", "--port", str(port), "--users", "3"]
@@ -37,16 +29,7 @@ def test_web_demo_renders_in_headless_chromium(tmp_path, tiny_idefics3):
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                index = urllib.request.urlopen(base + "/", timeout=2).read().decode()
-                break
-            except OSError:
-                if server.poll() is not None:
-                    pytest.fail(server.stdout.read()[-3000:])
-                time.sleep(0.5)
-        else:
-            pytest.fail("web demo did not start")
+        index = wait_for_http(base + "/", server).decode()
         user = re.search(r"href='/user/([^']+)'", index).group(1)
         url = f"{base}/user/{user}"
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,1400"]
