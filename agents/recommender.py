@@ -6,7 +6,7 @@ share the prompt prefix (transformers reuses its KV cache; vLLM uses prefix cach
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, Field
 
@@ -21,8 +21,11 @@ class RecommenderConfig(BaseModel):
     use_images: bool = Field(True, description="Show the candidate's cover to the MLLM (off: title only).")
     adapter: str | None = Field("rec", description="LoRA adapter name to score with (None = base model, zero-shot).")
     recent_items: int = Field(3, ge=0, description="Also show the summaries of the user's last N history items after the preference summary (0 = the paper's prompt exactly). The embedded 135M summarizer's preference summaries often lose the concrete colours and genres (measured), so the default keeps the latest block's item summaries in view.")
+    history: Literal["summary", "titles"] = Field("summary", description="What the model reads about the user: 'summary' = MLLM-MSR (recurrent preference summary + recent item summaries); 'titles' = TALLRec-style (the titles of the latest history items, no summaries, no images of the history).")
+    title_history: int = Field(10, ge=1, description="With history='titles': how many of the latest history titles are shown.")
     prompt: str = Field("recommend", description="Prompt file for candidates with an image.")
     text_prompt: str = Field("recommend_text", description="Prompt file for candidates without an image.")
+    titles_prompt: str = Field("recommend_titles", description="Prompt file for history='titles' (TALLRec-style).")
     prompt_dir: str | None = Field(None, description="Folder of prompt files (default: the packaged prompts/).")
 
 
@@ -34,6 +37,7 @@ class Recommender:
     def __post_init__(self) -> None:
         self.p_image = load_prompt(self.cfg.prompt, self.cfg.prompt_dir)
         self.p_text = load_prompt(self.cfg.text_prompt, self.cfg.prompt_dir)
+        self.p_titles = load_prompt(self.cfg.titles_prompt, self.cfg.prompt_dir)
         self.model_calls = 0
 
     def context(self, user_summary: str, recent: Sequence[str] = ()) -> str:
@@ -46,18 +50,29 @@ class Recommender:
             return user_summary
         return user_summary + " Recently liked: " + " | ".join(recent)
 
+    def titles_context(self, history_titles: Sequence[str]) -> str:
+        """TALLRec-style preference text: the latest ``title_history`` titles, oldest first."""
+        return " | ".join(t for t in list(history_titles)[-self.cfg.title_history:] if t)
+
     def request(self, user_summary: str, item: Item, adapter: str | None = None) -> ChatRequest:
-        """The one prompt used at training and at inference (finetune builds its data with this)."""
+        """The one prompt used at training and at inference (finetune builds its data with this).
+
+        ``user_summary`` is the preference text: :meth:`context` (summary mode) or
+        :meth:`titles_context` (titles mode)."""
+        if self.cfg.history == "titles":
+            return self.p_titles.request(adapter=adapter, history=user_summary, title=item.title)
         if self.cfg.use_images and item.image_path is not None:
             return self.p_image.request(item.image_path, adapter=adapter, user_summary=user_summary,
                                         title=item.title)
         return self.p_text.request(adapter=adapter, user_summary=user_summary, title=item.title)
 
     def score(self, user_summary: str, candidates: Sequence[Item], recent: Sequence[str] = ()) -> list[float]:
-        """p(yes) per candidate; ``recent``: summaries of the user's latest history items."""
+        """p(yes) per candidate; ``recent``: summaries of the user's latest history items.
+
+        In titles mode ``user_summary`` is already the :meth:`titles_context` text."""
         if not candidates:
             return []
-        text = self.context(user_summary, recent)
+        text = user_summary if self.cfg.history == "titles" else self.context(user_summary, recent)
         reqs = [self.request(text, it, self.cfg.adapter) for it in candidates]
         self.model_calls += len(reqs)
         return [float(s) for s in self.backend.score_yes_no(reqs)]

@@ -4,8 +4,8 @@
     python bench/bench_scoring.py --model embedded     # the real SmolLM2 + vision composite
     python bench/bench_scoring.py --model /path/to/hf/folder --candidates 21 --repeats 5
 
-Both paths score the same 21 requests (shared system prompt + preference summary, then each
-candidate's title, cover image and question) with the transformers backend in ONE batch; the
+Both paths score the same 21 requests, built by the recommender's own prompt (preference text and
+question shared, then each candidate's cover and title), with the transformers backend in ONE batch; the
 timings alternate naive / shared per repeat and report medians, the speedup, and max |Δ score|.
 """
 from __future__ import annotations
@@ -20,25 +20,28 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SUMMARY = (
-    "The user appears to have a preference for brightly coloured covers, especially red and "
-    "orange designs with bold geometric shapes such as circles and stars. Over the last three "
-    "blocks of interactions they consistently chose striped patterns over dotted ones, rated "
-    "several blue items highly when the shape was a ring, and skipped most green or brown covers. "
-    "Their recent history suggests a growing interest in purple star designs, while square "
-    "shapes and plain solid backgrounds rarely held their attention. ")
+# A representative preference text as the pipeline builds it (Recommender.context: the recurrent
+# summary, then the latest 3 item summaries), taken from a run on the bundled benchmark (~90 tokens,
+# the median of the SFT set).
+CONTEXT = (
+    "The user appears to have a preference for a particular style of fantasy film, with a focus on "
+    "a dark and mysterious atmosphere. Recently liked: Village and the Burning Forest: fantasy. A "
+    "striped blue square on a light background. | A fantasy film: The Hidden Labyrinth. The Hidden "
+    "Labyrinth is a fantasy film with a dark and mysterious atmosphere. The cover is a dark and "
+    "mysterious ring on a light background. | Northern Letter, a fantasy story. The cover of the "
+    "item is a striped black star on a light background.")
 
 
 def requests(images: list[Path], n: int):
-    from mllm_msr.models.base import ChatRequest
+    """The recommender's own requests (packaged ``recommend`` prompt) for n candidates."""
+    from mllm_msr.agents.recommender import Recommender, RecommenderConfig
+    from mllm_msr.data.schema import Item
 
-    return [ChatRequest.user(
-        [{"type": "text", "text": "User preference summary: " + SUMMARY
-          + f"\nCandidate item: title 'Item {k}: a collection volume {k * 7 % 13}'. Cover:"},
-         {"type": "image", "path": str(images[k % len(images)])},
-         {"type": "text", "text": "Will the user like this item? Answer yes or no."}],
-        system="You are a recommender. Decide whether the user will like the candidate item.")
-        for k in range(n)]
+    rec = Recommender(None, RecommenderConfig(adapter=None))  # only builds requests
+    genres = ("fantasy film", "western film", "mystery novel", "science fiction story", "comedy")
+    return [rec.request(CONTEXT, Item(f"c{k}", f"A {genres[k % 5]}: The Silent Archive {k * 7 % 13}",
+                                      image_path=images[k % len(images)]))
+            for k in range(n)]
 
 
 def main(argv: list[str] | None = None) -> int:

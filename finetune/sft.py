@@ -35,7 +35,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Any, Iterable, Mapping, Sequence
+from typing import Callable, Any, Iterable, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, Field
 
@@ -96,6 +96,8 @@ class SFTConfig(BaseModel):
     threads: int | None = Field(None, description="torch CPU threads (None = leave torch's setting). On a shared machine 1 is often fastest (oversubscribed threads slow a step many times).")
     eval_batch_size: int = Field(16, ge=1, description="Batch size when scoring held-out examples.")
     use_images: bool = Field(True, description="Show the candidate's cover in the prompt (must match RecommenderConfig.use_images at inference).")
+    history: Literal["summary", "titles"] = Field("summary", description="Prompt family (as RecommenderConfig.history): 'summary' = MLLM-MSR; 'titles' = TALLRec-style titles-only baseline (set use_images=false).")
+    positions: Literal["all", "block_ends"] = Field("all", description="Benchmark SFT cases: every history position after the first summary ('all', ~3x the data) or only where a summary version ends ('block_ends').")
     adapter_name: str = Field("rec", description="Adapter name used for evaluation requests (as RecommenderConfig.adapter).")
 
 
@@ -154,16 +156,19 @@ def _next_position(seq: Sequence[str], covered: Sequence[str]) -> int | None:
 
 def examples_from_store(store, sequences: Mapping[str, Sequence[Any]], users: Iterable[str],
                         catalog: Mapping[str, Item], *, seed: int = 0, negatives: int = 1,
-                        source: str = "history",
+                        source: str = "history", positions: Literal["all", "block_ends"] = "all",
                         context: Callable[[str, list[str]], str] | None = None) -> list[SFTExample]:
     """SFT examples from the pipeline's own stored recurrent summaries.
 
-    ``sequences``: user → chronological item ids (or Interactions). For each user and each stored
-    version (``store.user_history(user)``, ``source`` versions only) covering a window that ends at
-    position e of the sequence, ``seq[e]`` is a "yes" and ``negatives`` uniformly drawn items the
-    user never touched are "no" (seeded per user and position). ``context(summary, history_before_e)``
-    turns the summary into the preference text the recommender shows (``Recommender.context`` with
-    the recent items' summaries), so training sees exactly what inference sees."""
+    ``sequences``: user → chronological item ids (or Interactions). Each stored version
+    (``store.user_history(user)``, ``source`` versions only) covers the sequence up to some end
+    position. ``positions="block_ends"``: one case per version end e; ``"all"``: every position e
+    after the first version's end, each with the latest summary whose window ends at or before e
+    (the recent items in ``context`` fill the gap; about block_size times more data). At each case
+    ``seq[e]`` is a "yes" and ``negatives`` uniformly drawn items the user never touched are "no"
+    (seeded per user and position). ``context(summary, history_before_e)`` turns the summary into
+    the preference text the recommender shows (``Recommender.context`` with the recent items'
+    summaries), so training sees exactly what inference sees."""
     pool = sorted(catalog)
     out: list[SFTExample] = []
     for u in sorted(set(users)):
@@ -171,18 +176,44 @@ def examples_from_store(store, sequences: Mapping[str, Sequence[Any]], users: It
         if not seq:
             continue
         touched = set(seq)
-        seen_pos: set[int] = set()
-        for v in store.user_history(u):
+        by_end: dict[int, str] = {}
+        for v in store.user_history(u):  # oldest first: a later version of the same end wins
             if v.source != source or not v.summary.strip():
                 continue
             e = _next_position(seq, v.covered)
-            if e is None or e >= len(seq) or e in seen_pos:
-                continue
-            seen_pos.add(e)
+            if e is not None and e < len(seq):
+                by_end[e] = v.summary
+        if not by_end:
+            continue
+        ends = sorted(by_end)
+        cases = ends if positions == "block_ends" else range(ends[0], len(seq))
+        cands = [i for i in pool if i not in touched]
+        for e in cases:
+            summary = by_end[max(x for x in ends if x <= e)]
             rng = random.Random(f"{seed}:sft:{u}:{e}")
-            text = context(v.summary, seq[:e]) if context else v.summary
+            text = context(summary, seq[:e]) if context else summary
             out.append(SFTExample(text, catalog[seq[e]], "yes", u))
-            cands = [i for i in pool if i not in touched]
+            for neg in rng.sample(cands, min(negatives, len(cands))):
+                out.append(SFTExample(text, catalog[neg], "no", u))
+    return out
+
+
+def examples_from_sequences(sequences: Mapping[str, Sequence[Any]], users: Iterable[str],
+                            catalog: Mapping[str, Item], context: Callable[[list[str]], str], *,
+                            seed: int = 0, negatives: int = 1, min_history: int = 3) -> list[SFTExample]:
+    """TALLRec-style examples straight from the sequences (no summaries): at every position
+    e >= ``min_history`` the preference text is ``context(titles of seq[:e])``, ``seq[e]`` is a
+    "yes" and ``negatives`` never-touched items are "no" (same seeding as :func:`examples_from_store`)."""
+    pool = sorted(catalog)
+    out: list[SFTExample] = []
+    for u in sorted(set(users)):
+        seq = [getattr(x, "item_id", x) for x in sequences.get(u, ())]
+        touched = set(seq)
+        cands = [i for i in pool if i not in touched]
+        for e in range(max(1, min_history), len(seq)):
+            rng = random.Random(f"{seed}:sft:{u}:{e}")
+            text = context([catalog[i].title for i in seq[:e]])
+            out.append(SFTExample(text, catalog[seq[e]], "yes", u))
             for neg in rng.sample(cands, min(negatives, len(cands))):
                 out.append(SFTExample(text, catalog[neg], "no", u))
     return out
@@ -225,12 +256,13 @@ class SFTEncoder:
     processor and resolved yes/no token ids); ``recommender``: a Recommender whose ``request``
     builds the prompt (default: the packaged prompts, ``use_images`` as given)."""
 
-    def __init__(self, backend, recommender=None, *, use_images: bool = True, max_length: int = 1024):
+    def __init__(self, backend, recommender=None, *, use_images: bool = True, max_length: int = 1024,
+                 history: str = "summary"):
         from mllm_msr.agents.recommender import Recommender, RecommenderConfig
 
         self.backend = backend
         self.recommender = recommender or Recommender(
-            backend, RecommenderConfig(use_images=use_images, adapter=None))
+            backend, RecommenderConfig(use_images=use_images, adapter=None, history=history))
         self.max_length = max_length
         self.tokenizer = backend.tokenizer
         eot = self.tokenizer.eos_token
@@ -478,15 +510,16 @@ def _auc(labels: Sequence[int], scores: Sequence[float]) -> float:
 
 def evaluate_adapter(model_dir: str | Path, adapter_dir: str | Path | None,
                      examples: Sequence[SFTExample], *, use_images: bool = True,
-                     batch_size: int = 16, adapter_name: str = "rec", threads: int | None = None
-                     ) -> dict[str, Any]:
+                     batch_size: int = 16, adapter_name: str = "rec", threads: int | None = None,
+                     history: str = "summary") -> dict[str, Any]:
     """Score held-out examples through ``TransformersBackend`` (+ adapter) → AUC, accuracy, scores."""
     from mllm_msr.agents.recommender import Recommender, RecommenderConfig
     from mllm_msr.models.hf_backend import TransformersBackend
 
     adapters = {adapter_name: str(adapter_dir)} if adapter_dir else None
     be = TransformersBackend(model_dir, adapters, batch_size=batch_size, threads=threads)
-    rec = Recommender(be, RecommenderConfig(use_images=use_images, adapter=adapter_name if adapter_dir else None))
+    rec = Recommender(be, RecommenderConfig(use_images=use_images, adapter=adapter_name if adapter_dir else None,
+                                            history=history))
     t0 = time.perf_counter()
     reqs = [rec.request(ex.user_summary, ex.item, rec.cfg.adapter) for ex in examples]
     scores = be.score_yes_no(reqs)
@@ -535,7 +568,7 @@ def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], mo
 
     set_seed(cfg.seed)
     be = TransformersBackend(model_dir, max_length=cfg.max_length)
-    enc = SFTEncoder(be, use_images=cfg.use_images, max_length=cfg.max_length)
+    enc = SFTEncoder(be, use_images=cfg.use_images, max_length=cfg.max_length, history=cfg.history)
     t0 = time.perf_counter()
     rows = enc.encode_all(examples)
     encode_s = time.perf_counter() - t0
@@ -590,7 +623,8 @@ def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], mo
     del trainer, model, be
     if eval_examples:
         ev = evaluate_adapter(model_dir, out, build_sft_examples(eval_examples), use_images=cfg.use_images,
-                              batch_size=cfg.eval_batch_size, adapter_name=cfg.adapter_name)
+                              batch_size=cfg.eval_batch_size, adapter_name=cfg.adapter_name,
+                              history=cfg.history)
         metrics["eval"] = {k: v for k, v in ev.items() if k != "scores"}
     metrics["wall_s"] = round(time.perf_counter() - t_start, 2)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -679,9 +713,13 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
     t_all = time.perf_counter()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    base_ov = [f"store.path={work / 'store' / 'chroma'}", "recommender.adapter=null"]
-    cfg = load_config(config, [*base_ov, *msr_overrides])
     sft_cfg = (sft_cfg or SFTConfig()).model_copy(update={"output_dir": str(work / "adapter")})
+    titles = sft_cfg.history == "titles"
+    if titles:  # TALLRec-style: titles only, no summaries, no images
+        sft_cfg = sft_cfg.model_copy(update={"use_images": False})
+    base_ov = [f"store.path={work / 'store' / 'chroma'}", "recommender.adapter=null",
+               *(["recommender.history=titles", "recommender.use_images=false"] if titles else [])]
+    cfg = load_config(config, [*base_ov, *msr_overrides])
     ds = load_data(cfg)
     splits = build_splits(ds, cfg.protocol)
     catalog = ds.items
@@ -697,25 +735,30 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
     h_tr, f_tr = _histories(splits, train_users)
     h_va, f_va = _histories(splits, splits.valid_users, splits.valid)
     hist = {**h_tr, **h_va}
-    t0 = time.perf_counter()
-    ids = list(dict.fromkeys(i for h in hist.values() for i in h.items))
-    log.info("item summaries for %d items (train+valid histories)", len(ids))
-    summaries = services.summarizer.summarize([catalog[i] for i in ids])
-    timings["item_summaries_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    log.info("recurrent user summaries for %d users", len(hist))
-    services.memory.update_many(list(hist.values()), catalog, summaries)
-    timings["user_summaries_s"] = time.perf_counter() - t0
-
-    # 2. examples
     rec = services.recommender
-    k = rec.cfg.recent_items
+    if titles:  # 2'. examples straight from the sequences
+        train_ex = examples_from_sequences(f_tr, f_tr, catalog, rec.titles_context, seed=cfg.seed)
+        valid_ex = examples_from_sequences(f_va, f_va, catalog, rec.titles_context, seed=cfg.seed)
+    else:
+        t0 = time.perf_counter()
+        ids = list(dict.fromkeys(i for h in hist.values() for i in h.items))
+        log.info("item summaries for %d items (train+valid histories)", len(ids))
+        summaries = services.summarizer.summarize([catalog[i] for i in ids])
+        timings["item_summaries_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        log.info("recurrent user summaries for %d users", len(hist))
+        services.memory.update_many(list(hist.values()), catalog, summaries)
+        timings["user_summaries_s"] = time.perf_counter() - t0
 
-    def context(summary: str, before: list[str]) -> str:
-        return rec.context(summary, [summaries[i].summary for i in before[-k:]] if k else [])
+        # 2. examples
+        k = rec.cfg.recent_items
 
-    train_ex = examples_from_store(services.store, f_tr, f_tr, catalog, seed=cfg.seed, context=context)
-    valid_ex = examples_from_store(services.store, f_va, f_va, catalog, seed=cfg.seed, context=context)
+        def context(summary: str, before: list[str]) -> str:
+            return rec.context(summary, [summaries[i].summary for i in before[-k:]] if k else [])
+
+        kw = {"seed": cfg.seed, "context": context, "positions": sft_cfg.positions}
+        train_ex = examples_from_store(services.store, f_tr, f_tr, catalog, **kw)
+        valid_ex = examples_from_store(services.store, f_va, f_va, catalog, **kw)
     save_examples_jsonl(train_ex, work / "train_examples.jsonl")
     save_examples_jsonl(valid_ex, work / "valid_examples.jsonl")
     log.info("SFT examples: %d train, %d valid", len(train_ex), len(valid_ex))

@@ -26,7 +26,8 @@ from mllm_msr.stores.summaries import digest
 def scorer_key(s: Services) -> str:
     r = s.recommender
     return digest(r.backend.model_id, r.cfg.adapter, r.p_image.version, r.p_text.version, r.cfg.use_images,
-                  r.cfg.recent_items)
+                  r.cfg.recent_items, r.cfg.history, r.p_titles.version if r.cfg.history == "titles" else None,
+                  r.cfg.title_history if r.cfg.history == "titles" else None)
 
 
 def _read_done(path: Path) -> dict[str, dict]:
@@ -50,20 +51,23 @@ def run_cases(s: Services, cases: Sequence[EvalCase], run_dir: str | Path,
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     calls0 = (s.summarizer.model_calls, s.memory.model_calls, s.recommender.model_calls)
+    titles = s.recommender.cfg.history == "titles"  # TALLRec-style: no summaries at all
     with Progress(disable=not show_progress, transient=False) as prog:
-        # 1. item summaries for every history and candidate item
-        ids = list(dict.fromkeys(i for c in cases for i in (*c.history, *c.candidates)))
-        task = prog.add_task("item summaries", total=len(ids))
-        summaries = s.summarizer.summarize([s.catalog[i] for i in ids],
-                                           progress=lambda n: prog.advance(task, n))
-        timings["items_s"] = time.perf_counter() - t0
-        # 2. recurrent user summaries, all users' block b in one batch
-        t1 = time.perf_counter()
-        hist = [UserHistory(c.user_id, tuple(c.history), tuple(c.history_timestamps)) for c in cases]
-        task = prog.add_task("user summaries", total=None)
-        latest = s.memory.update_many(hist, s.catalog, summaries, progress=lambda n: prog.advance(task, n))
-        prog.update(task, total=prog.tasks[task].completed)
-        timings["users_s"] = time.perf_counter() - t1
+        summaries, latest = {}, {}
+        if not titles:
+            # 1. item summaries for every history and candidate item
+            ids = list(dict.fromkeys(i for c in cases for i in (*c.history, *c.candidates)))
+            task = prog.add_task("item summaries", total=len(ids))
+            summaries = s.summarizer.summarize([s.catalog[i] for i in ids],
+                                               progress=lambda n: prog.advance(task, n))
+            timings["items_s"] = time.perf_counter() - t0
+            # 2. recurrent user summaries, all users' block b in one batch
+            t1 = time.perf_counter()
+            hist = [UserHistory(c.user_id, tuple(c.history), tuple(c.history_timestamps)) for c in cases]
+            task = prog.add_task("user summaries", total=None)
+            latest = s.memory.update_many(hist, s.catalog, summaries, progress=lambda n: prog.advance(task, n))
+            prog.update(task, total=prog.tasks[task].completed)
+            timings["users_s"] = time.perf_counter() - t1
         # 3. scoring, resumable per user
         t2 = time.perf_counter()
         out_path = run_dir / "scores.jsonl"
@@ -74,13 +78,16 @@ def run_cases(s: Services, cases: Sequence[EvalCase], run_dir: str | Path,
         with open(out_path, "a", encoding="utf-8") as f:
             for c in cases:
                 v = latest.get(c.user_id)
-                summary = v.summary if v else "No preferences known yet."
-                key = digest(c.user_id, v.key if v else None, list(c.candidates), skey)
+                if titles:
+                    summary = s.recommender.titles_context([s.catalog[i].title for i in c.history])
+                else:
+                    summary = v.summary if v else "No preferences known yet."
+                key = digest(c.user_id, v.key if v else summary, list(c.candidates), skey)
                 if key in done:
                     rows.append(done[key])
                 else:
-                    recent = [summaries[i].summary for i in c.history[-s.recommender.cfg.recent_items:]] \
-                        if s.recommender.cfg.recent_items else []
+                    k = 0 if titles else s.recommender.cfg.recent_items
+                    recent = [summaries[i].summary for i in c.history[-k:]] if k else []
                     scores = s.recommender.score(summary, [s.catalog[i] for i in c.candidates], recent)
                     row = {"key": key, "user_id": c.user_id, "candidates": list(c.candidates),
                            "labels": list(c.labels), "scores": scores, "summary": summary}

@@ -17,6 +17,9 @@ from mllm_msr.stores.summaries import SummaryStore
 log = logging.getLogger(__name__)
 
 SHIPPED_ADAPTER = Path(__file__).resolve().parent / "weights" / "rec_adapter"
+SHIPPED_TALLREC_ADAPTER = SHIPPED_ADAPTER.parent / "tallrec_adapter"
+# adapter name → shipped folder (trained for the embedded default on the bundled benchmark)
+SHIPPED_ADAPTERS = {"rec": SHIPPED_ADAPTER, "tallrec": SHIPPED_TALLREC_ADAPTER}
 
 
 def load_data(cfg: MSRConfig) -> Dataset:
@@ -31,13 +34,18 @@ def load_data(cfg: MSRConfig) -> Dataset:
 
 
 def resolve_adapter(cfg: MSRConfig) -> MSRConfig:
-    """Attach the shipped LoRA adapter for the embedded default, or fall back to zero-shot."""
+    """Attach the shipped LoRA adapters for the embedded default ("rec" = MLLM-MSR, "tallrec" =
+    the titles-only baseline), or fall back to zero-shot when the wanted one is missing."""
+    adapters = dict(cfg.scorer.adapters)
+    if cfg.scorer.model == "embedded":
+        for n, folder in SHIPPED_ADAPTERS.items():
+            if n not in adapters and (folder / "adapter_config.json").exists():
+                adapters[n] = str(folder)
+    if adapters != cfg.scorer.adapters:
+        cfg = cfg.model_copy(update={"scorer": cfg.scorer.model_copy(update={"adapters": adapters})})
     name = cfg.recommender.adapter
-    if name is None or name in cfg.scorer.adapters:
+    if name is None or name in adapters:
         return cfg
-    if cfg.scorer.model == "embedded" and (SHIPPED_ADAPTER / "adapter_config.json").exists():
-        scorer = cfg.scorer.model_copy(update={"adapters": {**cfg.scorer.adapters, name: str(SHIPPED_ADAPTER)}})
-        return cfg.model_copy(update={"scorer": scorer})
     log.warning("no LoRA adapter %r configured or shipped for %s: scoring zero-shot", name, cfg.scorer.model)
     return cfg.model_copy(update={"recommender": cfg.recommender.model_copy(update={"adapter": None})})
 

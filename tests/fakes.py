@@ -56,7 +56,7 @@ class OverlapScorer(ModelBackend):
         out = []
         for r in requests:
             text = " ".join(p.get("text", "") for p in r.messages[-1]["content"]).lower()
-            summary = text.split("user preferences:")[1].split("</data>")[0]
+            summary = text.split("<data>")[1].split("</data>")[0]  # the preference text comes first
             title = text.split("candidate item title:")[1].split("</data>")[0].replace("<data>", "")
             words = [w for w in title.replace(":", " ").split() if len(w) > 3]
             out.append((sum(w in summary for w in words) + 0.5) / (len(words) + 1))

@@ -110,12 +110,38 @@ def test_examples_from_store_positive_next_item_and_untouched_negative():
 
     catalog = {f"i{k}": Item(f"i{k}", f"t{k}") for k in range(30)}
     seq = [f"i{k}" for k in range(7)]
-    exs = sft.examples_from_store(FakeStore(), {"u": seq}, ["u"], catalog, seed=0)
+    exs = sft.examples_from_store(FakeStore(), {"u": seq}, ["u"], catalog, seed=0, positions="block_ends")
     assert [(e.user_summary, e.item.item_id, e.label) for e in exs if e.label == "yes"] == [
         ("sum 0", "i3", "yes"), ("sum 1", "i6", "yes")]  # the version covering everything has no next
     negs = [e for e in exs if e.label == "no"]
     assert len(negs) == 2 and all(e.item.item_id not in seq for e in negs)
-    assert exs == sft.examples_from_store(FakeStore(), {"u": seq}, ["u"], catalog, seed=0)
+    # every position: each next item with the latest summary that ends at or before it, and the
+    # context function sees exactly the history before that position
+    seen = []
+    ctx = lambda summary, before: seen.append(tuple(before)) or f"{summary} | {len(before)}"
+    allpos = sft.examples_from_store(FakeStore(), {"u": seq}, ["u"], catalog, seed=0, context=ctx)
+    assert [(e.user_summary, e.item.item_id) for e in allpos if e.label == "yes"] == [
+        ("sum 0 | 3", "i3"), ("sum 0 | 4", "i4"), ("sum 0 | 5", "i5"), ("sum 1 | 6", "i6")]
+    assert seen == [tuple(seq[:e]) for e in (3, 4, 5, 6)]
+    assert sum(e.label == "no" for e in allpos) == 4
+    assert all(e.item.item_id not in seq for e in allpos if e.label == "no")
+    assert allpos == sft.examples_from_store(FakeStore(), {"u": seq}, ["u"], catalog, seed=0, context=ctx)
+
+
+def test_titles_examples_and_prompt_show_history_titles_only():
+    """TALLRec-style rows: every position from min_history on, preference text = titles only."""
+    from mllm_msr.agents.recommender import Recommender, RecommenderConfig
+
+    catalog = {f"i{k}": Item(f"i{k}", f"title {k}", text="long text", image_path=None) for k in range(30)}
+    seq = [f"i{k}" for k in range(6)]
+    rec = Recommender(None, RecommenderConfig(history="titles", title_history=2, use_images=False))
+    exs = sft.examples_from_sequences({"u": seq}, ["u"], catalog, rec.titles_context, seed=0)
+    yes = [(e.user_summary, e.item.item_id) for e in exs if e.label == "yes"]
+    assert yes == [("title 1 | title 2", "i3"), ("title 2 | title 3", "i4"), ("title 3 | title 4", "i5")]
+    assert all(e.item.item_id not in seq for e in exs if e.label == "no") and len(exs) == 6
+    prompt = rec.request(exs[0].user_summary, catalog["i9"]).messages[-1]["content"]
+    text = prompt if isinstance(prompt, str) else " ".join(p.get("text", "") for p in prompt)
+    assert "title 1 | title 2" in text and "title 9" in text and "long text" not in text
 
 
 @pytest.fixture(scope="module")

@@ -149,6 +149,22 @@ def test_runner_resumes_without_recomputing(services, dataset, tmp_path):
     assert len({r["user_id"] for r in rows}) == len(cases)
 
 
+def test_titles_mode_scores_from_history_titles_without_any_summary(dataset, tmp_path):
+    """TALLRec-style row: no item or user summaries; the scorer reads the latest history titles."""
+    cfg = MSRConfig(store=StoreConfig(path=str(tmp_path / "chroma")), run_dir=str(tmp_path / "run"),
+                    recommender=RecommenderConfig(adapter=None, history="titles", use_images=False,
+                                                  title_history=4))
+    chat = CountingChat()
+    s = build_services(cfg, dataset, generator=chat, scorer=OverlapScorer())
+    cases = build_splits(dataset, ProtocolConfig()).test
+    res = run_cases(s, cases, tmp_path / "run", show_progress=False)
+    assert res["model_calls"] == {"item_summaries": 0, "user_summaries": 0, "scored_pairs": 21 * len(cases)}
+    assert chat.prompts == []
+    rows = {r["user_id"]: r for r in map(json.loads, (tmp_path / "run" / "scores.jsonl").read_text().splitlines())}
+    for c in cases:
+        assert rows[c.user_id]["summary"] == " | ".join(dataset.items[i].title for i in c.history[-4:])
+
+
 def test_chat_folds_feedback_into_a_new_summary_version_and_recommends_unseen_items(services, dataset, tmp_path):
     from langchain_core.messages import HumanMessage
 

@@ -60,7 +60,7 @@ ROWS: dict[str, Row] = {r.key: r for r in [
     Row("sasrec_image", "SASRec+image", "baseline", baseline="sasrec_image"),
     Row("zero_shot", "Zero-shot MLLM", "llm", overrides=("recommender.adapter=null",)),
     Row("tallrec", "TALLRec-style (titles only)", "llm",
-        overrides=("items.use_images=false", "recommender.use_images=false", "recommender.adapter=tallrec")),
+        overrides=("recommender.history=titles", "recommender.use_images=false", "recommender.adapter=tallrec")),
     Row("mllm_msr", "MLLM-MSR", "llm"),
     Row("no_recurrence", "w/o recurrence", "llm", overrides=("memory.mode=direct",)),
     Row("no_image_summaries", "w/o image summaries", "llm", overrides=("items.use_images=false",)),
@@ -169,8 +169,9 @@ def _skip_reason(ctx: EvalContext, row: Row) -> str | None:
         if ctx.msr_cfg is None:
             return "no MSRConfig given (LLM rows need the pipeline's settings)"
         if row.key == "tallrec" and "tallrec" not in ctx.msr_cfg.scorer.adapters and ctx.services_factory is None:
-            return ("no text-only (TALLRec-style) LoRA adapter: train one on titles and set "
-                    "scorer.adapters.tallrec=PATH")
+            return ("no text-only (TALLRec-style) LoRA adapter: train one with `python -m "
+                    "mllm_msr.finetune.sft benchmark --set history=titles --set adapter_name=tallrec` "
+                    "and set scorer.adapters.tallrec=PATH")
     return None
 
 
