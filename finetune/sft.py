@@ -93,6 +93,7 @@ class SFTConfig(BaseModel):
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
     output_dir: str = Field("runs/sft/rec_adapter", description="Adapter folder written at the end (checkpoints go to its checkpoints/ subfolder).")
     save_dtype: str = Field("float16", description="dtype of the saved adapter weights (float16 halves the file; float32 keeps it exact).")
+    bf16: bool | None = Field(None, description="bf16 autocast for the forward/backward (None = auto: on when the CPU has native bf16 matmuls (AMX / AVX512-BF16) or on a bf16 GPU). Measured on the 2-core dev CPU: 1.56 vs 2.55 s per step (1.6x). LoRA weights, optimizer and the saved adapter stay float32 / save_dtype.")
     threads: int | None = Field(None, description="torch CPU threads (None = leave torch's setting). On a shared machine 1 is often fastest (oversubscribed threads slow a step many times).")
     eval_batch_size: int = Field(16, ge=1, description="Batch size when scoring held-out examples.")
     use_images: bool = Field(True, description="Show the candidate's cover in the prompt (must match RecommenderConfig.use_images at inference).")
@@ -485,6 +486,20 @@ def _convert_adapter_dtype(folder: Path, dtype: str) -> None:
               str(p), metadata={"format": "pt"})
 
 
+def use_bf16(cfg: SFTConfig, device_type: str) -> bool:
+    """Resolve ``cfg.bf16``; auto = native bf16 matmuls on this device."""
+    import torch
+
+    if cfg.bf16 is not None:
+        return bool(cfg.bf16)
+    if device_type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return device_type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _make_trainer_cls():
     from transformers import Trainer
 
@@ -492,9 +507,14 @@ def _make_trainer_cls():
         """Loss from the LM head at the labelled positions only; mean per micro-batch."""
 
         loss_is_scaled_for_ga = False
+        bf16_autocast = False  # set per run; the loss bypasses model.forward, so autocast is ours
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = answer_loss(model, inputs)
+            import torch
+
+            dev = inputs["input_ids"].device.type
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.bf16_autocast):
+                loss = answer_loss(model, inputs)
             return (loss, None) if return_outputs else loss
 
     return AnswerOnlyTrainer
@@ -592,8 +612,10 @@ def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], mo
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not show_progress,
         label_names=["labels"], save_only_model=False,
     )
+    bf16 = use_bf16(cfg, be.device.type)
     trainer = _make_trainer_cls()(model=model, args=args, train_dataset=_ListDataset(rows),
                                   data_collator=SFTCollator(pad_id))
+    trainer.bf16_autocast = bf16
     if resume_from_checkpoint is True:
         from transformers.trainer_utils import get_last_checkpoint
 
@@ -612,7 +634,7 @@ def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], mo
     metrics: dict[str, Any] = {
         "global_step": steps, "examples": len(examples),
         "positives": sum(ex.label == "yes" for ex in examples),
-        "trainable_params": n_trainable, "lora_modules": len(lora_modules),
+        "trainable_params": n_trainable, "lora_modules": len(lora_modules), "bf16": bf16,
         "train_loss": round(float(result.training_loss), 4),
         "loss": _loss_summary(history),
         "encode_s": round(encode_s, 2), "train_s": round(train_s, 2),

@@ -57,7 +57,7 @@ def colour_task(n: int, seed: int, cover: Path | None = None) -> list[tuple[str,
 def fast_cfg(out: Path, **kw) -> sft.SFTConfig:
     base = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.0, batch_size=8,
                 max_steps=120, warmup_ratio=0.05, logging_steps=10, save_steps=1000,
-                output_dir=str(out), save_dtype="float32", threads=1)
+                output_dir=str(out), save_dtype="float32", threads=1, bf16=False)
     base.update(kw)
     return sft.SFTConfig(**base)
 
