@@ -20,12 +20,24 @@ from mllm_msr.agents.user_memory import UserHistory
 from mllm_msr.data.protocol import EvalCase
 from mllm_msr.evaluation.metrics import evaluate
 from mllm_msr.graphs.nodes import Services
+from mllm_msr.paths import file_sha256
 from mllm_msr.stores.summaries import digest
+
+
+def adapter_fingerprint(backend, name: str | None) -> str | None:
+    """Content hash of the named LoRA adapter's weights, so a retrained adapter under the same
+    name never reuses scores cached with the old one (None: no adapter or not a local folder)."""
+    if name is None:
+        return None
+    adapters = getattr(getattr(backend, "cfg", None), "adapters", None) or getattr(backend, "adapters", None) or {}
+    folder = adapters.get(name)
+    weights = Path(folder) / "adapter_model.safetensors" if folder else None
+    return file_sha256(weights) if weights is not None and weights.exists() else None
 
 
 def scorer_key(s: Services) -> str:
     r = s.recommender
-    return digest(r.backend.model_id, r.cfg.adapter, r.p_image.version, r.p_text.version, r.cfg.use_images,
+    return digest(r.backend.model_id, r.cfg.adapter, adapter_fingerprint(r.backend, r.cfg.adapter), r.p_image.version, r.p_text.version, r.cfg.use_images,
                   r.cfg.recent_items, r.cfg.history, r.p_titles.version if r.cfg.history == "titles" else None,
                   r.cfg.title_history if r.cfg.history == "titles" else None)
 

@@ -149,6 +149,23 @@ def test_runner_resumes_without_recomputing(services, dataset, tmp_path):
     assert len({r["user_id"] for r in rows}) == len(cases)
 
 
+def test_retrained_adapter_under_the_same_name_invalidates_cached_scores(dataset, tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"weights v1")
+    scorer = OverlapScorer()
+    scorer.adapters = {"rec": str(folder)}
+    cfg = MSRConfig(store=StoreConfig(path=str(tmp_path / "chroma")), run_dir=str(tmp_path / "run"),
+                    recommender=RecommenderConfig(adapter="rec"))
+    s = build_services(cfg, dataset, generator=CountingChat(), scorer=scorer)
+    cases = build_splits(dataset, ProtocolConfig()).test
+    n = 21 * len(cases)
+    assert run_cases(s, cases, tmp_path / "run", show_progress=False)["model_calls"]["scored_pairs"] == n
+    assert run_cases(s, cases, tmp_path / "run", show_progress=False)["model_calls"]["scored_pairs"] == 0
+    (folder / "adapter_model.safetensors").write_bytes(b"weights v2")  # retrained in place
+    assert run_cases(s, cases, tmp_path / "run", show_progress=False)["model_calls"]["scored_pairs"] == n
+
+
 def test_titles_mode_scores_from_history_titles_without_any_summary(dataset, tmp_path):
     """TALLRec-style row: no item or user summaries; the scorer reads the latest history titles."""
     cfg = MSRConfig(store=StoreConfig(path=str(tmp_path / "chroma")), run_dir=str(tmp_path / "run"),

@@ -32,6 +32,7 @@ from mllm_msr.data.protocol import EvalCase, ProtocolConfig, Splits, build_split
 from mllm_msr.data.schema import Dataset
 from mllm_msr.evaluation.baselines import BASELINES, BaselineConfig
 from mllm_msr.evaluation.metrics import evaluate, mean_ci
+from mllm_msr.paths import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,11 @@ def _row_key(ctx: EvalContext, row: Row, seed: int, llm_cfg: Any = None) -> str:
     if row.kind == "baseline":
         return _hash(*common, ctx.baseline_cfg.model_dump())
     cfg = llm_cfg.model_dump(exclude={"run_dir", "seed", "max_test_users"})
-    return _hash(*common, cfg, ctx.users)
+    weights = {}  # adapter CONTENT, so retraining one in place recomputes its rows
+    for name, folder in sorted(llm_cfg.scorer.adapters.items()):
+        f = Path(folder) / "adapter_model.safetensors"
+        weights[name] = file_sha256(f) if f.exists() else None
+    return _hash(*common, cfg, ctx.users, weights)
 
 
 def _skip_reason(ctx: EvalContext, row: Row) -> str | None:
