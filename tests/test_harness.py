@@ -162,3 +162,23 @@ def test_llm_rows_through_runner_with_fake_models(ds, tmp_path):
     seen.clear()
     run_eval(ctx, ["zero_shot", "no_recurrence", "block_2"], [0])
     assert seen == []
+
+
+def test_llm_seed_on_another_split_than_the_adapter_was_trained_on_is_not_scored(ds, tmp_path):
+    """An adapter trained on seed 0's split has seen the users that seed 1 would test on."""
+    from mllm_msr.config import load_config
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "PROVENANCE.json").write_text(json.dumps(
+        {"data": {"dataset": "synth", "protocol": ProtocolConfig(seed=0).model_dump()}}))
+    cfg = load_config(None, [f"store.path={tmp_path / 'chroma'}", f"scorer.adapters={{rec: {adapter}}}"])
+    ctx = _ctx(ds, tmp_path / "run", msr_cfg=cfg, llm_seeds=3)
+    llm_cfg = harness._llm_cfg(ctx, harness.ROWS["mllm_msr"], 1)
+    assert harness._adapter_overlap(ctx, llm_cfg, 0) is None
+    why = harness._adapter_overlap(ctx, llm_cfg, 1)
+    assert why and "seed 0" in why and "leak" in why
+    zero = harness._llm_cfg(ctx, harness.ROWS["zero_shot"], 1)  # no adapter: nothing to leak
+    assert harness._adapter_overlap(ctx, zero, 1) is None
+    other = load_config(None, ["dataset=ml-100k", f"scorer.adapters={{rec: {adapter}}}"])
+    assert harness._adapter_overlap(_ctx(ds, tmp_path / "r2", msr_cfg=other), llm_cfg, 1) is None

@@ -180,6 +180,31 @@ def _skip_reason(ctx: EvalContext, row: Row) -> str | None:
     return None
 
 
+def _adapter_overlap(ctx: EvalContext, llm_cfg: Any, seed: int) -> str | None:
+    """Why this seed must not be scored with this row's adapter, if it must not.
+
+    An adapter trained on one by-user split has seen the train users' whole sequences, final items
+    included. Another protocol seed draws a different split, whose test users are mostly those
+    train users: scoring them would leak. The adapter's PROVENANCE.json names its split."""
+    name = llm_cfg.recommender.adapter
+    folder = llm_cfg.scorer.adapters.get(name) if name else None
+    prov_file = Path(folder) / "PROVENANCE.json" if folder else None
+    if prov_file is None or not prov_file.is_file():
+        return None
+    try:
+        data = json.loads(prov_file.read_text(encoding="utf-8")).get("data") or {}
+    except (OSError, ValueError):
+        return None
+    trained = data.get("protocol")
+    if ctx.msr_cfg is None or data.get("dataset") != ctx.msr_cfg.dataset:
+        return None  # trained on another dataset: other users altogether
+    here = ctx.protocol.model_copy(update={"seed": seed}).model_dump()
+    if trained is None or trained == here:
+        return None
+    return (f"adapter {name!r} was trained on the split of protocol seed {trained.get('seed')}; "
+            f"seed {seed}'s test users overlap its training users (leak), so this seed is not scored")
+
+
 def _llm_cfg(ctx: EvalContext, row: Row, seed: int):
     from mllm_msr.config import load_config
 
@@ -267,6 +292,11 @@ def run_eval(ctx: EvalContext, rows: Sequence[str], seeds: Sequence[int]) -> dic
         for seed in row_seeds:
             path = eval_dir / key / f"{seed}.json"
             llm_cfg = _llm_cfg(ctx, row, seed) if row.kind == "llm" else None
+            overlap = _adapter_overlap(ctx, llm_cfg, seed) if llm_cfg is not None else None
+            if overlap:
+                entry.setdefault("skipped_seeds", {})[seed] = overlap
+                log.warning("row %s: %s", key, overlap)
+                continue
             rkey = _row_key(ctx, row, seed, llm_cfg)
             cached = None
             if path.is_file():
@@ -294,6 +324,8 @@ def run_eval(ctx: EvalContext, rows: Sequence[str], seeds: Sequence[int]) -> dic
             tmp.write_text(json.dumps(res), encoding="utf-8")
             tmp.replace(path)
             entry["per_seed"][seed] = res
+        if not entry["per_seed"] and entry.get("skipped_seeds") and entry["status"] == "ok":
+            entry.update(status="not run", reason=next(iter(entry["skipped_seeds"].values())))
     summary = summarise(results)
     write_outputs(ctx, results, summary, list(seeds))
     return {"rows": results, "summary": summary}
@@ -382,6 +414,9 @@ def write_outputs(ctx: EvalContext, results: dict, summary: dict, seeds: list[in
             note = (r.get("info") or {}).get("note")
             if note:
                 notes.append(f"- {e['label']} (seed {seed}): {note}")
+        if e.get("skipped_seeds") and e["per_seed"]:
+            notes.append(f"- {e['label']}: seeds {', '.join(map(str, e['skipped_seeds']))} not scored: "
+                         f"{next(iter(e['skipped_seeds'].values()))}")
     if notes:
         lines += ["", "Notes:", *notes]
     lines += ["", "warm AUC: AUC over test users whose target was seen in training (cold targets "
@@ -409,7 +444,7 @@ def write_outputs(ctx: EvalContext, results: dict, summary: dict, seeds: list[in
 
     payload = {"dataset": _dataset_fingerprint(ds), "protocol": ctx.protocol.model_dump(), "seeds": seeds,
                "baseline_config": ctx.baseline_cfg.model_dump(), "users": ctx.users,
-               "rows": {k: {"label": e["label"], "kind": e["kind"], "status": e["status"], "reason": e["reason"],
+               "rows": {k: {"label": e["label"], "kind": e["kind"], "status": e["status"], "reason": e["reason"], "skipped_seeds": e.get("skipped_seeds", {}),
                             "block_size": e["block_size"], "summary": summary.get(k),
                             "per_seed": {str(s): {"metrics": r["metrics"], "n_cases": r["n_cases"],
                                                   "info": r.get("info"), "split": r.get("split")}
