@@ -182,3 +182,19 @@ def test_llm_seed_on_another_split_than_the_adapter_was_trained_on_is_not_scored
     assert harness._adapter_overlap(ctx, zero, 1) is None
     other = load_config(None, ["dataset=ml-100k", f"scorer.adapters={{rec: {adapter}}}"])
     assert harness._adapter_overlap(_ctx(ds, tmp_path / "r2", msr_cfg=other), llm_cfg, 1) is None
+
+
+def test_shipped_adapter_guard_applies_without_configured_adapters(ds, tmp_path):
+    """`msr eval` on the embedded default: the shipped adapter's provenance is found by itself."""
+    from mllm_msr.config import load_config
+    from mllm_msr.services import SHIPPED_ADAPTER
+
+    if not (SHIPPED_ADAPTER / "PROVENANCE.json").is_file():
+        pytest.skip("no shipped adapter")
+    cfg = load_config(None, [f"store.path={tmp_path / 'chroma'}"])
+    ctx = _ctx(ds, tmp_path / "run", msr_cfg=cfg, llm_seeds=2)
+    trained_seed = json.loads((SHIPPED_ADAPTER / "PROVENANCE.json").read_text())["data"]["protocol"]["seed"]
+    other = trained_seed + 1
+    assert harness._adapter_overlap(ctx, harness._llm_cfg(ctx, harness.ROWS["mllm_msr"], other), other)
+    assert harness._adapter_overlap(ctx, harness._llm_cfg(ctx, harness.ROWS["mllm_msr"], trained_seed),
+                                    trained_seed) is None

@@ -186,6 +186,10 @@ def _adapter_overlap(ctx: EvalContext, llm_cfg: Any, seed: int) -> str | None:
     An adapter trained on one by-user split has seen the train users' whole sequences, final items
     included. Another protocol seed draws a different split, whose test users are mostly those
     train users: scoring them would leak. The adapter's PROVENANCE.json names its split."""
+    from mllm_msr.services import resolve_adapter
+
+    if ctx.services_factory is None:
+        llm_cfg = resolve_adapter(llm_cfg)  # the shipped adapters, as the runner will use them
     name = llm_cfg.recommender.adapter
     folder = llm_cfg.scorer.adapters.get(name) if name else None
     prov_file = Path(folder) / "PROVENANCE.json" if folder else None
