@@ -173,7 +173,10 @@ def _skip_reason(ctx: EvalContext, row: Row) -> str | None:
     if row.kind == "llm":
         if ctx.msr_cfg is None:
             return "no MSRConfig given (LLM rows need the pipeline's settings)"
-        if row.key == "tallrec" and "tallrec" not in ctx.msr_cfg.scorer.adapters and ctx.services_factory is None:
+        from mllm_msr.services import resolve_adapter
+
+        if (row.key == "tallrec" and ctx.services_factory is None
+                and "tallrec" not in resolve_adapter(ctx.msr_cfg).scorer.adapters):
             return ("no text-only (TALLRec-style) LoRA adapter: train one with `python -m "
                     "mllm_msr.finetune.sft benchmark --set history=titles --set adapter_name=tallrec` "
                     "and set scorer.adapters.tallrec=PATH")
@@ -205,8 +208,8 @@ def _adapter_overlap(ctx: EvalContext, llm_cfg: Any, seed: int) -> str | None:
     here = ctx.protocol.model_copy(update={"seed": seed}).model_dump()
     if trained is None or trained == here:
         return None
-    return (f"adapter {name!r} was trained on the split of protocol seed {trained.get('seed')}; "
-            f"seed {seed}'s test users overlap its training users (leak), so this seed is not scored")
+    return (f"adapter {name!r} was trained on the split of protocol seed {trained.get('seed')}; other "
+            "seeds' test users are mostly its training users (a leak), so only that seed is scored")
 
 
 def _llm_cfg(ctx: EvalContext, row: Row, seed: int):
