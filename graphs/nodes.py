@@ -86,10 +86,15 @@ def make_recommend(s: Services) -> Node:
     def recommend(state: RecState) -> dict:
         t0 = time.perf_counter()
         items = s.items(list(state.get("candidates", [])), f"user {state.get('user_id')} candidates")
-        k = s.recommender.cfg.recent_items
-        last = list(state.get("history", []))[-k:] if k else []
-        sums = s.summarizer.summarize(s.items(last, "history")) if last else {}
-        ranked = s.recommender.rank(state["user_summary"], items, [sums[i].summary for i in last])
+        history = list(state.get("history", []))
+        if s.recommender.cfg.history == "titles":  # TALLRec-style: the history's titles, no summaries
+            text = s.recommender.titles_context([it.title for it in s.items(history, "history")])
+            ranked = s.recommender.rank(text, items)
+        else:
+            k = s.recommender.cfg.recent_items
+            last = history[-k:] if k else []
+            sums = s.summarizer.summarize(s.items(last, "history")) if last else {}
+            ranked = s.recommender.rank(state["user_summary"], items, [sums[i].summary for i in last])
         return {"ranking": [{"item_id": i, "title": s.catalog[i].title, "score": sc} for i, sc in ranked],
                 "events": [_event("recommend", t0, candidates=len(items))]}
     return recommend

@@ -180,6 +180,18 @@ def test_titles_mode_scores_from_history_titles_without_any_summary(dataset, tmp
     rows = {r["user_id"]: r for r in map(json.loads, (tmp_path / "run" / "scores.jsonl").read_text().splitlines())}
     for c in cases:
         assert rows[c.user_id]["summary"] == " | ".join(dataset.items[i].title for i in c.history[-4:])
+    # the graph's recommend node reads the same titles text
+    seen = []
+    s.recommender.backend.score_yes_no = lambda reqs, _f=s.recommender.backend.score_yes_no: \
+        seen.extend(reqs) or _f(reqs)
+    c = cases[0]
+    state = compile_pipeline(s).invoke({"user_id": c.user_id, "history": list(c.history),
+                                        "history_timestamps": list(c.history_timestamps),
+                                        "candidates": list(c.candidates)}, thread(c.user_id))
+    assert len(state["ranking"]) == 21 and len(seen) == 21
+    text = " ".join(p.get("text", "") for p in seen[0].messages[-1]["content"])
+    assert rows[c.user_id]["summary"] in text
+    assert [r["score"] for r in state["ranking"]] == sorted(rows[c.user_id]["scores"], reverse=True)
 
 
 def test_chat_folds_feedback_into_a_new_summary_version_and_recommends_unseen_items(services, dataset, tmp_path):
