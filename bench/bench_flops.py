@@ -30,27 +30,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import model_path, write_result  # noqa: E402
+from _common import model_path, recommend_requests, write_result  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TARGET = 0.25
 RESULTS = Path(__file__).resolve().parent / "results"
-SUMMARY = (
-    "The user appears to have a preference for red and orange covers with bold stars and "
-    "circles, striped patterns, and mystery or sci-fi stories; recently purple designs and "
-    "fantasy titles have gained weight, while green covers and documentaries are skipped.")
-
-
 def score_requests(n: int):
+    """One user's n candidates from the bundled benchmark, through the recommender's own prompt."""
     from mllm_msr.data.loaders import load_dataset
-    from mllm_msr.prompts import load_prompt
 
     ds = load_dataset("synth")
-    items = [it for it in ds.items.values() if it.image_path is not None][:n]
-    p = load_prompt("recommend")
-    return [p.request(it.image_path, user_summary=SUMMARY, title=it.title) for it in items]
+    return recommend_requests([it for it in ds.items.values() if it.image_path is not None][:n])
 
 
 def n_params(module, skip: tuple = ()) -> int:

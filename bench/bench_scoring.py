@@ -20,28 +20,15 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# A representative preference text as the pipeline builds it (Recommender.context: the recurrent
-# summary, then the latest 3 item summaries), taken from a run on the bundled benchmark (~90 tokens,
-# the median of the SFT set).
-CONTEXT = (
-    "The user appears to have a preference for a particular style of fantasy film, with a focus on "
-    "a dark and mysterious atmosphere. Recently liked: Village and the Burning Forest: fantasy. A "
-    "striped blue square on a light background. | A fantasy film: The Hidden Labyrinth. The Hidden "
-    "Labyrinth is a fantasy film with a dark and mysterious atmosphere. The cover is a dark and "
-    "mysterious ring on a light background. | Northern Letter, a fantasy story. The cover of the "
-    "item is a striped black star on a light background.")
-
+from _common import model_path, recommend_requests  # noqa: E402
 
 def requests(images: list[Path], n: int):
-    """The recommender's own requests (packaged ``recommend`` prompt) for n candidates."""
-    from mllm_msr.agents.recommender import Recommender, RecommenderConfig
+    """n candidates with the given covers, through the recommender's own prompt."""
     from mllm_msr.data.schema import Item
 
-    rec = Recommender(None, RecommenderConfig(adapter=None))  # only builds requests
     genres = ("fantasy film", "western film", "mystery novel", "science fiction story", "comedy")
-    return [rec.request(CONTEXT, Item(f"c{k}", f"A {genres[k % 5]}: The Silent Archive {k * 7 % 13}",
-                                      image_path=images[k % len(images)]))
-            for k in range(n)]
+    return recommend_requests([Item(f"c{k}", f"A {genres[k % 5]}: The Silent Archive {k * 7 % 13}",
+                                    image_path=images[k % len(images)]) for k in range(n)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,16 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from mllm_msr.models.hf_backend import TransformersBackend
 
     work = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
-    if args.model == "tiny":
-        from mllm_msr.models.embedded import build_tiny_idefics3
-
-        path = build_tiny_idefics3(work / "tiny")
-    elif args.model == "embedded":
-        from mllm_msr.models.embedded import ensure_default_model
-
-        path = ensure_default_model()
-    else:
-        path = Path(args.model)
+    path = model_path(args.model, work)
     images = []
     for k in range(args.candidates):
         p = work / f"cover{k}.png"

@@ -72,6 +72,13 @@ def run_variants(variants: dict, tok, repeats: int) -> dict:
                 "tokens": int(statistics.median(n for _, n in v))} for k, v in runs.items()}
 
 
+def _ratio(label: str, res: dict, fast: str, slow: str) -> float:
+    """tokens/s of variant ``fast`` over ``slow``, printed."""
+    r = round(res[fast]["tok_s"] / res[slow]["tok_s"], 2)
+    print(f"{label}: {fast} {res[fast]['tok_s']:.1f} vs {slow} {res[slow]['tok_s']:.1f} tok/s -> ratio {r:.2f}x")
+    return r
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded", help="embedded | tiny | an HF folder")
@@ -119,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_res = run_variants({f"batch{s}": hf(s) for s in sizes}, tok, args.repeats)
     best = max((k for k in hf_res if k != "batch1"), key=lambda k: hf_res[k]["tok_s"], default=None)
     if best:
-        ratios["transformers"] = round(hf_res[best]["tok_s"] / hf_res["batch1"]["tok_s"], 2)
-        print(f"transformers: {best} {hf_res[best]['tok_s']:.1f} tok/s vs batch1 "
-              f"{hf_res['batch1']['tok_s']:.1f} tok/s -> ratio {ratios['transformers']:.2f}x")
+        ratios["transformers"] = _ratio("transformers", hf_res, best, "batch1")
     result["transformers"] = hf_res
     b.close()
     del b
@@ -138,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run_variants({
             "sequential": lambda: [o for r in reqs for o in v.generate([r], max_new_tokens=mnt)],
             "batched": lambda: v.generate(reqs, max_new_tokens=mnt)}, tok, args.repeats)
-        ratios["vllm"] = round(res["batched"]["tok_s"] / res["sequential"]["tok_s"], 2)
-        print(f"vLLM in process: batched {res['batched']['tok_s']:.1f} vs sequential "
-              f"{res['sequential']['tok_s']:.1f} tok/s -> ratio {ratios['vllm']:.2f}x")
+        ratios["vllm"] = _ratio("vLLM in process", res, "batched", "sequential")
         result["vllm_inprocess"] = res
         v.close()
         del v
@@ -158,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             res = run_variants({f"conc{c}": (lambda c=c: backends[c].generate(reqs, max_new_tokens=mnt))
                                 for c in levels}, tok, args.repeats)
         top = max(levels)
-        ratios["vllm_server"] = round(res[f"conc{top}"]["tok_s"] / res["conc1"]["tok_s"], 2)
-        print(f"vLLM server: {top} concurrent {res[f'conc{top}']['tok_s']:.1f} vs 1 at a time "
-              f"{res['conc1']['tok_s']:.1f} tok/s -> ratio {ratios['vllm_server']:.2f}x")
+        ratios["vllm_server"] = _ratio("vLLM server", res, f"conc{top}", "conc1")
         result["vllm_server"] = res
 
     best_name = max(ratios, key=ratios.get)

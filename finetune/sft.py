@@ -191,12 +191,17 @@ def examples_from_store(store, sequences: Mapping[str, Sequence[Any]], users: It
         cands = [i for i in pool if i not in touched]
         for e in cases:
             summary = by_end[max(x for x in ends if x <= e)]
-            rng = random.Random(f"{seed}:sft:{u}:{e}")
             text = context(summary, seq[:e]) if context else summary
-            out.append(SFTExample(text, catalog[seq[e]], "yes", u))
-            for neg in rng.sample(cands, min(negatives, len(cands))):
-                out.append(SFTExample(text, catalog[neg], "no", u))
+            out += _case(text, u, seq[e], e, cands, catalog, seed, negatives)
     return out
+
+
+def _case(text: str, user: str, positive: str, e: int, cands: Sequence[str], catalog: Mapping[str, Item],
+          seed: int, negatives: int) -> list[SFTExample]:
+    """The "yes" at position e and ``negatives`` never-touched "no" items (seeded per user, position)."""
+    rng = random.Random(f"{seed}:sft:{user}:{e}")
+    return [SFTExample(text, catalog[positive], "yes", user),
+            *(SFTExample(text, catalog[n], "no", user) for n in rng.sample(cands, min(negatives, len(cands))))]
 
 
 def examples_from_sequences(sequences: Mapping[str, Sequence[Any]], users: Iterable[str],
@@ -212,11 +217,8 @@ def examples_from_sequences(sequences: Mapping[str, Sequence[Any]], users: Itera
         touched = set(seq)
         cands = [i for i in pool if i not in touched]
         for e in range(max(1, min_history), len(seq)):
-            rng = random.Random(f"{seed}:sft:{u}:{e}")
             text = context([catalog[i].title for i in seq[:e]])
-            out.append(SFTExample(text, catalog[seq[e]], "yes", u))
-            for neg in rng.sample(cands, min(negatives, len(cands))):
-                out.append(SFTExample(text, catalog[neg], "no", u))
+            out += _case(text, u, seq[e], e, cands, catalog, seed, negatives)
     return out
 
 

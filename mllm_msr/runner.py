@@ -20,19 +20,15 @@ from mllm_msr.agents.user_memory import UserHistory
 from mllm_msr.data.protocol import EvalCase
 from mllm_msr.evaluation.metrics import evaluate
 from mllm_msr.graphs.nodes import Services
-from mllm_msr.paths import file_sha256
+from mllm_msr.paths import adapter_sha256
 from mllm_msr.stores.summaries import digest
 
 
 def adapter_fingerprint(backend, name: str | None) -> str | None:
-    """Content hash of the named LoRA adapter's weights, so a retrained adapter under the same
-    name never reuses scores cached with the old one (None: no adapter or not a local folder)."""
-    if name is None:
-        return None
+    """Content hash of the named LoRA adapter, so a retrained adapter under the same name never
+    reuses scores cached with the old one (None: no adapter or not a local folder)."""
     adapters = getattr(getattr(backend, "cfg", None), "adapters", None) or getattr(backend, "adapters", None) or {}
-    folder = adapters.get(name)
-    weights = Path(folder) / "adapter_model.safetensors" if folder else None
-    return file_sha256(weights) if weights is not None and weights.exists() else None
+    return adapter_sha256(adapters.get(name)) if name else None
 
 
 def scorer_key(s: Services) -> str:

@@ -32,7 +32,7 @@ from mllm_msr.data.protocol import EvalCase, ProtocolConfig, Splits, build_split
 from mllm_msr.data.schema import Dataset
 from mllm_msr.evaluation.baselines import BASELINES, BaselineConfig
 from mllm_msr.evaluation.metrics import evaluate, mean_ci
-from mllm_msr.paths import file_sha256
+from mllm_msr.paths import adapter_sha256
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,8 @@ def _row_key(ctx: EvalContext, row: Row, seed: int, llm_cfg: Any = None) -> str:
     if row.kind == "baseline":
         return _hash(*common, ctx.baseline_cfg.model_dump())
     cfg = llm_cfg.model_dump(exclude={"run_dir", "seed", "max_test_users"})
-    weights = {}  # adapter CONTENT, so retraining one in place recomputes its rows
-    for name, folder in sorted(llm_cfg.scorer.adapters.items()):
-        f = Path(folder) / "adapter_model.safetensors"
-        weights[name] = file_sha256(f) if f.exists() else None
+    # adapter CONTENT, so retraining one in place recomputes its rows
+    weights = {name: adapter_sha256(folder) for name, folder in sorted(llm_cfg.scorer.adapters.items())}
     return _hash(*common, cfg, ctx.users, weights)
 
 
