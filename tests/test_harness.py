@@ -195,6 +195,8 @@ def test_shipped_adapter_guard_applies_without_configured_adapters(ds, tmp_path)
     ctx = _ctx(ds, tmp_path / "run", msr_cfg=cfg, llm_seeds=2)
     trained_seed = json.loads((SHIPPED_ADAPTER / "PROVENANCE.json").read_text())["data"]["protocol"]["seed"]
     other = trained_seed + 1
+    # the row config carries the shipped adapter, so its weights hash is part of the row's cache key
+    assert harness._llm_cfg(ctx, harness.ROWS["mllm_msr"], other).scorer.adapters["rec"] == str(SHIPPED_ADAPTER)
     assert harness._adapter_overlap(ctx, harness._llm_cfg(ctx, harness.ROWS["mllm_msr"], other), other)
     assert harness._adapter_overlap(ctx, harness._llm_cfg(ctx, harness.ROWS["mllm_msr"], trained_seed),
                                     trained_seed) is None

@@ -187,10 +187,6 @@ def _adapter_overlap(ctx: EvalContext, llm_cfg: Any, seed: int) -> str | None:
     An adapter trained on one by-user split has seen the train users' whole sequences, final items
     included. Another protocol seed draws a different split, whose test users are mostly those
     train users: scoring them would leak. The adapter's PROVENANCE.json names its split."""
-    from mllm_msr.services import resolve_adapter
-
-    if ctx.services_factory is None:
-        llm_cfg = resolve_adapter(llm_cfg)  # the shipped adapters, as the runner will use them
     name = llm_cfg.recommender.adapter
     folder = llm_cfg.scorer.adapters.get(name) if name else None
     prov_file = Path(folder) / "PROVENANCE.json" if folder else None
@@ -213,8 +209,13 @@ def _adapter_overlap(ctx: EvalContext, llm_cfg: Any, seed: int) -> str | None:
 def _llm_cfg(ctx: EvalContext, row: Row, seed: int):
     from mllm_msr.config import load_config
 
+    from mllm_msr.services import resolve_adapter
+
     base = ctx.msr_cfg.model_copy(update={"protocol": ctx.protocol.model_copy(update={"seed": seed})})
-    return load_config(None, list(row.overrides), base=base)
+    cfg = load_config(None, list(row.overrides), base=base)
+    # the adapters the row will really use (shipped ones included), so the row's cache key carries
+    # their weights hash and the leak guard reads their provenance
+    return cfg if ctx.services_factory is not None else resolve_adapter(cfg)
 
 
 def _run_baseline(ctx: EvalContext, row: Row, seed: int, splits: Splits) -> dict:
