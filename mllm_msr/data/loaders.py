@@ -1,22 +1,27 @@
 """Loaders: on-disk layouts → :class:`Dataset`, validated, with every skip counted and reported.
 
-Fatal problems (a required file missing, a wrong header) raise :class:`DataError` naming the
-file, line and field. Bad rows are skipped, counted in ``dataset.report`` and warned about with
+Every delimited file (CSV, TSV, RecBole atomic files) is parsed by the ``csv`` module as
+RFC 4180: quoted fields may hold delimiters, doubled quotes and newlines; a UTF-8 BOM and CRLF
+line ends are accepted. Fatal problems (a required file missing, a wrong header, a quoted field
+never closed) raise :class:`DataError` naming the file, line and field. Bad rows are skipped, counted in ``dataset.report`` and warned about with
 the file and line. Images are only ever read from local folders (never downloaded), must resolve
 inside the dataset root (``../`` and symlink escapes are rejected) and are verified cheaply with
 PIL; an item whose image is unusable keeps ``image_path=None``.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib.util
+import io
+import itertools
 import json
 import logging
 import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from PIL import Image
 
@@ -51,24 +56,67 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def _read_lines(path: Path, report: LoadReport) -> list[str]:
-    """The file's lines, decoded as UTF-8; undecodable lines use U+FFFD and are reported."""
+def _read_text(path: Path, report: LoadReport) -> str:
+    """The file decoded as UTF-8 (a leading BOM dropped); undecodable bytes become U+FFFD and
+    every line holding them is reported."""
     raw = path.read_bytes()
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        for n, b in enumerate(raw.split(b"\n"), start=1):
+            try:
+                b.decode("utf-8")
+            except UnicodeDecodeError:
+                _warn(report, "non_utf8_replaced",
+                      f"{path}:{n}: text is not valid UTF-8; decoded with replacement characters")
+        return raw.decode("utf-8", errors="replace")
+
+
+def _read_lines(path: Path, report: LoadReport) -> list[str]:
+    """The file's lines (for line-oriented formats such as JSONL), ``\r\n`` or ``\n`` ended; only
+    those end a line (JSON strings may hold a raw U+2028, which ``str.splitlines`` would split)."""
+    lines = _read_text(path, report).split("\n")
+    if lines and lines[-1] == "":
         lines.pop()
-    out = []
-    for n, b in enumerate(lines, start=1):
-        b = b.rstrip(b"\r")
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
+def _rows(path: Path, report: LoadReport, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """``(first line, fields)`` of each non-blank record of a delimited file, parsed as RFC 4180
+    (quoted fields may hold the delimiter, doubled quotes and newlines; CRLF or LF line ends).
+
+    A record the ``csv`` module rejects is skipped and reported with its file:line. A quoted
+    field still open at the end of the file would swallow every record after it, so it raises
+    :class:`DataError` naming the line where that field started.
+    """
+    text = _read_text(path, report)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    end = 0
+    while True:
+        start = end + 1
         try:
-            out.append(b.decode("utf-8"))
-        except UnicodeDecodeError:
-            out.append(b.decode("utf-8", errors="replace"))
-            _warn(report, "non_utf8_replaced",
-                  f"{path}:{n}: text is not valid UTF-8; decoded with replacement characters")
-    return out
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise DataError("a quoted field is never closed (unbalanced '\"'), so it would swallow the "
+                                "rest of the file", file=path, line=start,
+                                field_name=f"column {_open_column(text, start, delimiter)}") from e
+            _warn(report, "malformed_row", f"{path}:{start}: malformed delimited row ({e}); skipped")
+            end = reader.line_num
+            continue
+        end = reader.line_num
+        if any(f.strip() for f in row):
+            yield start, row
+
+
+def _open_column(text: str, line: int, delimiter: str) -> int:
+    """1-based column of the quoted field left open in the record starting at ``line``."""
+    tail = itertools.islice(io.StringIO(text, newline=""), line - 1, None)
+    return len(next(csv.reader(tail, delimiter=delimiter), [""]))
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -146,7 +194,7 @@ def _finish(name: str, items: dict[str, Item], raw: list[tuple[str, float, str, 
             _warn(report, "unknown_item", f"{where}: interaction of user {user!r} references unknown item {item!r}; skipped")
             continue
         inter.append((Interaction(user, ts, item, rating), where))  # type: ignore[arg-type]
-    inter.sort(key=lambda x: x[0])
+    inter.sort(key=lambda x: (x[0].user_id, x[0].timestamp))  # stable: same-second ties keep file order
     seen: set[tuple[str, str]] = set()
     kept: list[Interaction] = []
     for it, where in inter:  # type: ignore[misc]
@@ -191,13 +239,15 @@ def load_microlens(root: Path, prefix: str | None = None) -> Dataset:
     titles_path = _require(root / f"{prefix}_titles.csv", "titles")
 
     # titles
-    lines = _read_lines(titles_path, report)
-    if not lines:
+    rows = _rows(titles_path, report, ",")
+    first = next(rows, None)
+    if first is None:
         raise DataError("titles file is empty; expected header 'item,title'", file=titles_path, line=1)
-    header = [h.strip().lower() for h in next(csv.reader([lines[0]]), [])]
-    if len(header) < 2 or header[0] not in ("item", "item_id") or "title" not in header[1]:
-        raise DataError(f"titles header must be 'item,title', got {lines[0][:80]!r}",
-                        file=titles_path, line=1, field_name="header")
+    header = [h.strip().lower() for h in first[1]]
+    title_col = next((k for k, h in enumerate(header) if "title" in h), None)
+    if header[0] not in ("item", "item_id") or title_col is None:
+        raise DataError(f"titles header must start 'item,title' (extra columns allowed), got {','.join(first[1])[:80]!r}",
+                        file=titles_path, line=first[0], field_name="header")
     gt: dict[str, Any] = {}
     gt_path = root / "ground_truth.json"
     if gt_path.is_file():
@@ -208,18 +258,15 @@ def load_microlens(root: Path, prefix: str | None = None) -> Dataset:
     covers = root / "covers"
     index = _image_index(covers)
     items: dict[str, Item] = {}
-    for n, line in enumerate(lines[1:], start=2):
-        if not line.strip():
+    for n, row in rows:
+        if len(header) == 2 and len(row) > 2:  # 'item,title' with an unquoted comma in the title
+            row = [row[0], ",".join(row[1:])]
+        if len(row) != len(header) or not row[0].strip():
+            field = "item" if row and not row[0].strip() else "field count"
+            _warn(report, "malformed_row", f"{titles_path}:{n}: field {field!r}: expected {len(header)} fields "
+                                           f"({','.join(header)}) with an item id, got {len(row)}: {','.join(row)[:80]!r}; skipped")
             continue
-        try:
-            row = next(csv.reader([line]))
-        except (csv.Error, StopIteration) as e:
-            _warn(report, "malformed_row", f"{titles_path}:{n}: malformed CSV row ({e}); skipped")
-            continue
-        if len(row) < 2 or not row[0].strip():
-            _warn(report, "malformed_row", f"{titles_path}:{n}: expected 'item,title', got {line[:80]!r}; skipped")
-            continue
-        iid, title = row[0].strip(), ",".join(row[1:]).strip()
+        iid, title = row[0].strip(), row[title_col].strip()
         if iid in items:
             _warn(report, "duplicate_item", f"{titles_path}:{n}: duplicate item id {iid!r}; kept the first")
             continue
@@ -232,30 +279,27 @@ def load_microlens(root: Path, prefix: str | None = None) -> Dataset:
     stamps: dict[tuple[str, str], float] = {}
     ts_path = root / f"{prefix}_timestamps.tsv"
     if ts_path.is_file():
-        for n, line in enumerate(_read_lines(ts_path, report), start=1):
-            parts = line.split("\t")
+        for n, parts in _rows(ts_path, report, "\t"):
             try:
                 if len(parts) != 3:
-                    raise ValueError("expected 3 tab-separated fields")
+                    raise ValueError(f"expected 3 tab-separated fields (user, item, timestamp), got {len(parts)}")
                 t = float(parts[2])
                 if not math.isfinite(t):
-                    raise ValueError("not finite")
+                    raise ValueError("field 'timestamp' is not finite")
             except ValueError as e:
-                _warn(report, "malformed_timestamp", f"{ts_path}:{n}: {e}: {line[:80]!r}; skipped")
+                _warn(report, "malformed_timestamp", f"{ts_path}:{n}: {e}: {chr(9).join(parts)[:80]!r}; skipped")
                 continue
             stamps.setdefault((parts[0].strip(), parts[1].strip()), t)
 
     # pairs
     per_user: dict[str, list[tuple[str, str]]] = {}
-    for n, line in enumerate(_read_lines(pairs_path, report), start=1):
-        if not line.strip():
+    for n, parts in _rows(pairs_path, report, "\t"):
+        user = parts[0].strip()
+        if len(parts) < 2 or not user:
+            _warn(report, "malformed_row", f"{pairs_path}:{n}: field 'user': expected 'user<TAB>item item …', "
+                                           f"got {chr(9).join(parts)[:80]!r}; skipped")
             continue
-        user, sep, rest = line.partition("\t")
-        user = user.strip()
-        if not sep or not user:
-            _warn(report, "malformed_row", f"{pairs_path}:{n}: expected 'user<TAB>item item …', got {line[:80]!r}; skipped")
-            continue
-        seq = [(i, f"{pairs_path}:{n}") for i in rest.replace(",", " ").split()]
+        seq = [(i, f"{pairs_path}:{n}") for i in " ".join(parts[1:]).replace(",", " ").split()]
         if not seq:
             _warn(report, "empty_user", f"{pairs_path}:{n}: user {user!r} has no interactions; skipped")
             continue
@@ -373,36 +417,36 @@ def load_amazon2023(reviews_jsonl: Path, meta_jsonl: Path, image_dir: Path | Non
 
 # --------------------------------------------------------------------------- RecBole atomic files
 
-def _atomic_header(path: Path, line: str) -> list[str]:
-    names = [h.split(":", 1)[0].strip() for h in line.split("\t")]
-    if not names or not all(names):
-        raise DataError(f"bad RecBole header {line[:80]!r}", file=path, line=1, field_name="header")
+def _atomic_header(path: Path, rows: Iterator[tuple[int, list[str]]], kind: str) -> list[str]:
+    first = next(rows, None)
+    if first is None:
+        raise DataError(f"empty {kind} file; expected a header", file=path, line=1)
+    names = [h.split(":", 1)[0].strip() for h in first[1]]
+    if not all(names):
+        raise DataError(f"bad RecBole header {chr(9).join(first[1])[:80]!r}", file=path, line=first[0], field_name="header")
     return names
 
 
 def load_recbole(inter_path: Path, item_path: Path | None = None, name: str | None = None) -> Dataset:
     """RecBole atomic files: ``.inter`` (``user_id:token, item_id:token[, rating, timestamp]``)
     and ``.item`` (``item_id:token`` plus e.g. ``movie_title:token_seq``; the first ``*title*``
-    column is the title, the other columns go to ``text`` and ``attributes``). Text only."""
+    column is the title, the other columns go to ``text`` and ``attributes``). Text only.
+    Tab-separated, quoted fields allowed (as RecBole's own pandas reader)."""
     inter_path = _require(inter_path, "RecBole .inter")
     report = LoadReport()
     items: dict[str, Item] = {}
     if item_path is not None:
         item_path = _require(item_path, "RecBole .item")
-        lines = _read_lines(item_path, report)
-        if not lines:
-            raise DataError("empty .item file; expected a header", file=item_path, line=1)
-        cols = _atomic_header(item_path, lines[0])
+        rows = _rows(item_path, report, "\t")
+        cols = _atomic_header(item_path, rows, ".item")
         if "item_id" not in cols:
             raise DataError("header has no item_id column", file=item_path, line=1, field_name="item_id")
         id_col = cols.index("item_id")
         title_col = next((k for k, c in enumerate(cols) if "title" in c.lower()), None)
-        for n, line in enumerate(lines[1:], start=2):
-            if not line.strip():
-                continue
-            parts = line.split("\t")
+        for n, parts in rows:
             if len(parts) != len(cols) or not parts[id_col].strip():
-                _warn(report, "malformed_row", f"{item_path}:{n}: expected {len(cols)} tab-separated fields, got {len(parts)}; skipped")
+                _warn(report, "malformed_row", f"{item_path}:{n}: field 'item_id': expected {len(cols)} tab-separated "
+                                               f"fields with an item id, got {len(parts)}; skipped")
                 continue
             iid = parts[id_col].strip()
             if iid in items:
@@ -413,10 +457,8 @@ def load_recbole(inter_path: Path, item_path: Path | None = None, name: str | No
                      if k not in (id_col, title_col) and parts[k].strip()}
             text = "; ".join(f"{c.replace('_', ' ')}: {v}" for c, v in extra.items()) or None
             items[iid] = Item(iid, title, text, None, extra)
-    lines = _read_lines(inter_path, report)
-    if not lines:
-        raise DataError("empty .inter file; expected a header", file=inter_path, line=1)
-    cols = _atomic_header(inter_path, lines[0])
+    rows = _rows(inter_path, report, "\t")
+    cols = _atomic_header(inter_path, rows, ".inter")
     for need in ("user_id", "item_id"):
         if need not in cols:
             raise DataError(f"header has no {need} column", file=inter_path, line=1, field_name=need)
@@ -425,15 +467,14 @@ def load_recbole(inter_path: Path, item_path: Path | None = None, name: str | No
     r_col = cols.index("rating") if "rating" in cols else None
     raw = []
     position: dict[str, int] = {}
-    for n, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
+    for n, parts in rows:
         where = f"{inter_path}:{n}"
         if len(parts) != len(cols) or not parts[u_col].strip() or not parts[i_col].strip():
-            _warn(report, "malformed_row", f"{where}: expected {len(cols)} tab-separated fields with user_id and item_id; skipped")
+            _warn(report, "malformed_row", f"{where}: expected {len(cols)} tab-separated fields with user_id and item_id, "
+                                           f"got {len(parts)}; skipped")
             continue
         user, iid = parts[u_col].strip(), parts[i_col].strip()
+        field = "timestamp"
         try:
             if t_col is not None:
                 ts = float(parts[t_col])
@@ -441,9 +482,10 @@ def load_recbole(inter_path: Path, item_path: Path | None = None, name: str | No
                     raise ValueError
             else:
                 ts = float(position.get(user, 0))
+            field = "rating"
             rating = float(parts[r_col]) if r_col is not None and parts[r_col].strip() else None
         except ValueError:
-            _warn(report, "malformed_row", f"{where}: timestamp or rating is not a number; skipped")
+            _warn(report, "malformed_row", f"{where}: field {field!r} is not a number; skipped")
             continue
         position[user] = position.get(user, 0) + 1
         if item_path is None and iid not in items:
