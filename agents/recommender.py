@@ -20,7 +20,7 @@ class RecommenderConfig(BaseModel):
 
     use_images: bool = Field(True, description="Show the candidate's cover to the MLLM (off: title only).")
     adapter: str | None = Field("rec", description="LoRA adapter name to score with (None = base model, zero-shot).")
-    recent_items: int = Field(3, ge=0, description="Also show the summaries of the user's last N history items after the preference summary (0 = the paper's prompt exactly). The embedded 135M summarizer's preference summaries often lose the concrete colours and genres (measured), so the default keeps the latest block's item summaries in view.")
+    recent_items: int = Field(3, ge=0, description="Extension beyond the paper: also show the summaries of the user's last N history items after the preference summary (0 = the paper's input exactly). The embedded 135M summarizer's preference summaries often lose the concrete colours and genres (measured), so the shipped default keeps the latest block's item summaries in view; the evaluation reports both as separate rows.")
     history: Literal["summary", "titles"] = Field("summary", description="What the model reads about the user: 'summary' = MLLM-MSR (recurrent preference summary + recent item summaries); 'titles' = TALLRec-style (the titles of the latest history items, no summaries, no images of the history).")
     title_history: int = Field(10, ge=1, description="With history='titles': how many of the latest history titles are shown.")
     prompt: str = Field("recommend", description="Prompt file for candidates with an image.")
@@ -66,19 +66,15 @@ class Recommender:
                                         title=item.title)
         return self.p_text.request(adapter=adapter, user_summary=user_summary, title=item.title)
 
-    def score(self, user_summary: str, candidates: Sequence[Item], recent: Sequence[str] = ()) -> list[float]:
-        """p(yes) per candidate; ``recent``: summaries of the user's latest history items.
-
-        In titles mode ``user_summary`` is already the :meth:`titles_context` text."""
+    def score(self, text: str, candidates: Sequence[Item]) -> list[float]:
+        """p(yes) per candidate for the preference ``text`` (``mllm_msr.pipeline.Services.preference_text``
+        builds it: :meth:`context` in summary mode, :meth:`titles_context` in titles mode)."""
         if not candidates:
             return []
-        text = user_summary if self.cfg.history == "titles" else self.context(user_summary, recent)
         reqs = [self.request(text, it, self.cfg.adapter) for it in candidates]
         self.model_calls += len(reqs)
         return [float(s) for s in self.backend.score_yes_no(reqs)]
 
-    def rank(self, user_summary: str, candidates: Sequence[Item],
-             recent: Sequence[str] = ()) -> list[tuple[str, float]]:
-        scores = self.score(user_summary, candidates, recent)
+    def rank(self, text: str, candidates: Sequence[Item]) -> list[tuple[str, float]]:
+        scores = self.score(text, candidates)
         return sorted(zip((c.item_id for c in candidates), scores), key=lambda t: -t[1])
-

@@ -11,9 +11,10 @@ import argparse
 
 from langgraph.graph import END, START, StateGraph
 
-from mllm_msr.graphs.nodes import (Services, make_recommend, make_retrieve, make_summarize_items,
-                                   make_update_memory, needs_retrieval)
+from mllm_msr.graphs.nodes import (make_recommend, make_retrieve, make_summarize_items, make_update_memory,
+                                   needs_retrieval)
 from mllm_msr.graphs.state import RecState
+from mllm_msr.pipeline import Services
 
 
 def make_ban_filter(s: Services, banned: set[str]):
@@ -52,13 +53,13 @@ def build_custom_graph(s: Services, banned: set[str]):
 
 def main() -> None:
     from mllm_msr.config import load_config
-    from mllm_msr.services import build_services, load_data, resolve_adapter
+    from mllm_msr.pipeline import build_services, load_data, finalize_config
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--user", required=True)
     ap.add_argument("--ban", action="append", default=[])
     a = ap.parse_args()
-    cfg = resolve_adapter(load_config())
+    cfg = finalize_config(load_config())
     ds = load_data(cfg)
     s = build_services(cfg, ds)
     s.summarizer.summarize(list(ds.items.values()))  # retrieval needs every item's summary

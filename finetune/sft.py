@@ -208,7 +208,8 @@ def examples_from_sequences(sequences: Mapping[str, Sequence[Any]], users: Itera
                             catalog: Mapping[str, Item], context: Callable[[list[str]], str], *,
                             seed: int = 0, negatives: int = 1, min_history: int = 3) -> list[SFTExample]:
     """TALLRec-style examples straight from the sequences (no summaries): at every position
-    e >= ``min_history`` the preference text is ``context(titles of seq[:e])``, ``seq[e]`` is a
+    e >= ``min_history`` the preference text is ``context(seq[:e])`` (the history's item ids;
+    ``Services.preference_text`` in titles mode), ``seq[e]`` is a
     "yes" and ``negatives`` never-touched items are "no" (same seeding as :func:`examples_from_store`)."""
     pool = sorted(catalog)
     out: list[SFTExample] = []
@@ -217,7 +218,7 @@ def examples_from_sequences(sequences: Mapping[str, Sequence[Any]], users: Itera
         touched = set(seq)
         cands = [i for i in pool if i not in touched]
         for e in range(max(1, min_history), len(seq)):
-            text = context([catalog[i].title for i in seq[:e]])
+            text = context(seq[:e])
             out += _case(text, u, seq[e], e, cands, catalog, seed, negatives)
     return out
 
@@ -731,8 +732,8 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
        (and a copy of the adapter in ``ship``)."""
     from mllm_msr.config import load_config
     from mllm_msr.data.protocol import build_splits
-    from mllm_msr.runner import run_cases
-    from mllm_msr.services import build_services, load_data
+    from mllm_msr.pipeline import run_cases
+    from mllm_msr.pipeline import build_services, load_data
 
     t_all = time.perf_counter()
     work = Path(work_dir)
@@ -759,10 +760,12 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
     h_tr, f_tr = _histories(splits, train_users)
     h_va, f_va = _histories(splits, splits.valid_users, splits.valid)
     hist = {**h_tr, **h_va}
-    rec = services.recommender
     if titles:  # 2'. examples straight from the sequences
-        train_ex = examples_from_sequences(f_tr, f_tr, catalog, rec.titles_context, seed=cfg.seed)
-        valid_ex = examples_from_sequences(f_va, f_va, catalog, rec.titles_context, seed=cfg.seed)
+        def titles_text(before: list[str]) -> str:
+            return services.preference_text(before, None)
+
+        train_ex = examples_from_sequences(f_tr, f_tr, catalog, titles_text, seed=cfg.seed)
+        valid_ex = examples_from_sequences(f_va, f_va, catalog, titles_text, seed=cfg.seed)
     else:
         t0 = time.perf_counter()
         ids = list(dict.fromkeys(i for h in hist.values() for i in h.items))
@@ -774,11 +777,9 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
         services.memory.update_many(list(hist.values()), catalog, summaries)
         timings["user_summaries_s"] = time.perf_counter() - t0
 
-        # 2. examples
-        k = rec.cfg.recent_items
-
+        # 2. examples: the preference text exactly as inference builds it (pipeline recipe)
         def context(summary: str, before: list[str]) -> str:
-            return rec.context(summary, [summaries[i].summary for i in before[-k:]] if k else [])
+            return services.preference_text(before, summary, summaries)
 
         kw = {"seed": cfg.seed, "context": context, "positions": sft_cfg.positions}
         train_ex = examples_from_store(services.store, f_tr, f_tr, catalog, **kw)

@@ -13,7 +13,8 @@ from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
-from mllm_msr.graphs.nodes import Services, _event, make_recommend, make_retrieve
+from mllm_msr.graphs.nodes import _event, make_recommend, make_retrieve
+from mllm_msr.pipeline import NO_PREFERENCES, Services
 from mllm_msr.graphs.state import RecState
 
 
@@ -30,7 +31,7 @@ def make_listen(s: Services):
         history = s.store.user_history(uid)
         current = history[-1] if history else None
         if last is None or not str(last.content).strip():
-            summary = current.summary if current else "No preferences known yet."
+            summary = current.summary if current else NO_PREFERENCES
             return {"user_summary": summary, "events": [_event("listen", t0, updated=False)]}
         v = s.memory.fold_feedback(current, uid, str(last.content))
         return {"user_summary": v.summary, "summary_step": v.step, "summary_key": v.key,

@@ -1,42 +1,20 @@
 """Graph nodes: small functions State -> partial State over shared services.
 
-Each ``make_*`` returns a node bound to a :class:`Services`; import them to compose your own
+Each ``make_*`` returns a node bound to a :class:`mllm_msr.pipeline.Services` (the per-user
+recipe lives there, not here); import them to compose your own
 ``StateGraph`` (see README, "Compose your own graph").
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
-from mllm_msr.agents.item_summarizer import ItemSummarizer
-from mllm_msr.agents.recommender import Recommender
 from mllm_msr.agents.retriever import retrieve
-from mllm_msr.agents.user_memory import UserHistory, UserMemory
-from mllm_msr.data.schema import DataError, Item
+from mllm_msr.agents.user_memory import UserHistory
 from mllm_msr.graphs.state import RecState
-from mllm_msr.stores.summaries import SummaryStore
+from mllm_msr.pipeline import NO_PREFERENCES, Services
 
 Node = Callable[[RecState], dict]
-
-
-@dataclass
-class Services:
-    """Everything nodes need; built once from a config (mllm_msr.services.build_services)."""
-
-    catalog: dict[str, Item]
-    summarizer: ItemSummarizer
-    memory: UserMemory
-    recommender: Recommender
-    store: SummaryStore
-    retrieve_n: int = 20
-    extra: dict = field(default_factory=dict)
-
-    def items(self, ids: list[str], what: str) -> list[Item]:
-        unknown = [i for i in ids if i not in self.catalog]
-        if unknown:
-            raise DataError(f"{what}: unknown item ids {unknown[:5]}", field_name="item_id")
-        return [self.catalog[i] for i in ids]
 
 
 def _event(node: str, t0: float, **info) -> dict:
@@ -69,7 +47,7 @@ def make_update_memory(s: Services) -> Node:
         if latest is not None:
             update.update(user_summary=latest.summary, summary_step=latest.step, summary_key=latest.key)
         else:
-            update.update(user_summary="No preferences known yet.", summary_step=-1, summary_key="")
+            update.update(user_summary=NO_PREFERENCES, summary_step=-1, summary_key="")
         return update
     return update_memory
 
@@ -86,15 +64,8 @@ def make_recommend(s: Services) -> Node:
     def recommend(state: RecState) -> dict:
         t0 = time.perf_counter()
         items = s.items(list(state.get("candidates", [])), f"user {state.get('user_id')} candidates")
-        history = list(state.get("history", []))
-        if s.recommender.cfg.history == "titles":  # TALLRec-style: the history's titles, no summaries
-            text = s.recommender.titles_context([it.title for it in s.items(history, "history")])
-            ranked = s.recommender.rank(text, items)
-        else:
-            k = s.recommender.cfg.recent_items
-            last = history[-k:] if k else []
-            sums = s.summarizer.summarize(s.items(last, "history")) if last else {}
-            ranked = s.recommender.rank(state["user_summary"], items, [sums[i].summary for i in last])
+        text = s.preference_text(list(state.get("history", [])), state.get("user_summary"))
+        ranked = s.recommender.rank(text, items)
         return {"ranking": [{"item_id": i, "title": s.catalog[i].title, "score": sc} for i, sc in ranked],
                 "events": [_event("recommend", t0, candidates=len(items))]}
     return recommend

@@ -6,14 +6,18 @@
 from __future__ import annotations
 
 import sqlite3
+import weakref
 from pathlib import Path
 from typing import Any
 
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 
-from mllm_msr.graphs.nodes import (Services, make_recommend, make_retrieve, make_summarize_items,
-                                   make_update_memory, needs_retrieval)
+from mllm_msr.config import MSRConfig
+from mllm_msr.graphs.nodes import (make_recommend, make_retrieve, make_summarize_items, make_update_memory,
+                                   needs_retrieval)
 from mllm_msr.graphs.state import RecState
+from mllm_msr.pipeline import Services
 
 
 def sqlite_checkpointer(path: str | Path) -> Any:
@@ -22,6 +26,34 @@ def sqlite_checkpointer(path: str | Path) -> Any:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return SqliteSaver(sqlite3.connect(str(path), check_same_thread=False))
+
+
+def postgres_checkpointer(url: str, max_connections: int = 4) -> BaseCheckpointSaver:
+    """LangGraph's PostgreSQL checkpointer over a psycopg connection pool; creates its tables on
+    first use. The pool closes when the saver is garbage-collected or the process exits."""
+    from langgraph.checkpoint.postgres import PostgresSaver
+    from psycopg.rows import dict_row
+    from psycopg_pool import ConnectionPool
+
+    pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True,
+                          kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row})
+    saver = PostgresSaver(pool)
+    saver.setup()
+    weakref.finalize(saver, pool.close)
+    return saver
+
+
+def make_checkpointer(cfg: MSRConfig, name: str = "checkpoints") -> BaseCheckpointSaver:
+    """The configured checkpointer (``cfg.checkpointer``): ``postgresql://…`` → PostgreSQL,
+    ``sqlite:///PATH`` → that SQLite file, unset → SQLite at ``run_dir/<name>.sqlite``."""
+    url = cfg.checkpointer
+    if not url:
+        return sqlite_checkpointer(Path(cfg.run_dir) / f"{name}.sqlite")
+    if url.startswith("sqlite:///"):
+        return sqlite_checkpointer(url[len("sqlite:///"):])  # sqlite:///rel/path, sqlite:////abs/path
+    if url.startswith(("postgres://", "postgresql://")):
+        return postgres_checkpointer(url)
+    raise ValueError(f"checkpointer {url!r}: expected sqlite:///PATH or postgresql://…")
 
 
 def build_pipeline_graph(services: Services) -> StateGraph:

@@ -10,16 +10,16 @@ import os
 from functools import lru_cache
 
 from mllm_msr.graphs.chat import compile_chat
-from mllm_msr.graphs.nodes import Services
+from mllm_msr.pipeline import Services
 from mllm_msr.graphs.pipeline import compile_pipeline
 
 
 @lru_cache(maxsize=1)
 def services() -> Services:
     from mllm_msr.config import load_config
-    from mllm_msr.services import build_services, load_data, resolve_adapter
+    from mllm_msr.pipeline import build_services, load_data, finalize_config
 
-    cfg = resolve_adapter(load_config(os.environ.get("MSR_CONFIG") or None))
+    cfg = finalize_config(load_config(os.environ.get("MSR_CONFIG") or None))
     return build_services(cfg, load_data(cfg))
 
 

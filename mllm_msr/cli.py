@@ -89,7 +89,7 @@ def data_stats(dataset: Optional[str] = typer.Argument(None, help="synth | ml-10
                config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """Load a dataset (validating it) and print its statistics, split sizes and load report."""
     from mllm_msr.data.protocol import build_splits
-    from mllm_msr.services import load_data
+    from mllm_msr.pipeline import load_data
 
     cfg = _cfg(config, set_)
     if dataset:
@@ -116,10 +116,10 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
         quiet: bool = typer.Option(False, help="No progress bars.")) -> None:
     """The main job: summarise items, build user memories, score the test candidates, report metrics."""
     from mllm_msr.data.protocol import build_splits
-    from mllm_msr.runner import run_cases
-    from mllm_msr.services import build_services, load_data, resolve_adapter
+    from mllm_msr.pipeline import run_cases
+    from mllm_msr.pipeline import build_services, load_data, finalize_config
 
-    cfg = resolve_adapter(_cfg(config, set_))
+    cfg = finalize_config(_cfg(config, set_))
     run_dir = Path(cfg.run_dir)
     locks = [run_dir] + ([] if cfg.store.host else [Path(cfg.store.path)])
     with run_lock(*locks):
@@ -144,10 +144,10 @@ def recommend(user: str = typer.Option(..., "--user", "-u", help="User id."),
               config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """One user's preference summary and top items with scores (runs the LangGraph pipeline)."""
     from mllm_msr.data.protocol import build_splits
-    from mllm_msr.graphs.pipeline import compile_pipeline, sqlite_checkpointer, thread
-    from mllm_msr.services import build_services, load_data, resolve_adapter
+    from mllm_msr.graphs.pipeline import compile_pipeline, make_checkpointer, thread
+    from mllm_msr.pipeline import build_services, load_data, finalize_config
 
-    cfg = resolve_adapter(_cfg(config, set_))
+    cfg = finalize_config(_cfg(config, set_))
     ds = load_data(cfg)
     seqs = _user_sequences(ds, user)
     splits = build_splits(ds, cfg.protocol)
@@ -158,7 +158,7 @@ def recommend(user: str = typer.Option(..., "--user", "-u", help="User id."),
         history, ts = [i.item_id for i in seqs[user]], [i.timestamp for i in seqs[user]]
     candidates = [] if (retrieve or case is None) else list(case.candidates)
     services = build_services(cfg, ds)
-    graph = compile_pipeline(services, sqlite_checkpointer(Path(cfg.run_dir) / "checkpoints.sqlite"))
+    graph = compile_pipeline(services, make_checkpointer(cfg))
     state = graph.invoke({"user_id": user, "history": history, "history_timestamps": ts,
                           "candidates": candidates}, thread(user))
     console.print(f"[bold]user {user}[/] — history of {len(history)} items")
@@ -233,10 +233,10 @@ def chat(user: str = typer.Option(..., "--user", "-u", help="User id."),
 
     from mllm_msr.agents.user_memory import UserHistory
     from mllm_msr.graphs.chat import compile_chat
-    from mllm_msr.graphs.pipeline import sqlite_checkpointer, thread
-    from mllm_msr.services import build_services, load_data, resolve_adapter
+    from mllm_msr.graphs.pipeline import make_checkpointer, thread
+    from mllm_msr.pipeline import build_services, load_data, finalize_config
 
-    cfg = resolve_adapter(_cfg(config, set_))
+    cfg = finalize_config(_cfg(config, set_))
     ds = load_data(cfg)
     seqs = _user_sequences(ds, user)
     s = build_services(cfg, ds)
@@ -245,7 +245,7 @@ def chat(user: str = typer.Option(..., "--user", "-u", help="User id."),
     hist = [i.item_id for i in seqs[user]]
     s.memory.update_many([UserHistory(user, tuple(hist), tuple(i.timestamp for i in seqs[user]))],
                          ds.items, summaries)
-    graph = compile_chat(s, sqlite_checkpointer(Path(cfg.run_dir) / "chat.sqlite"))
+    graph = compile_chat(s, make_checkpointer(cfg, "chat"))
     conf = thread(f"chat:{user}")
     console.print(f"[bold]chatting as {user}[/] ({len(hist)} items in history). Empty line = recommend, 'quit' to stop.")
     while True:
@@ -290,10 +290,10 @@ def prompts_eval(a: Path = typer.Argument(..., help="Prompt folder A (e.g. the p
     """Run two prompt versions on the same users; print metric differences (B − A) with 95% CIs."""
     from mllm_msr.data.protocol import build_splits
     from mllm_msr.evaluation.prompt_eval import compare, complete_prompt_dir, with_prompts
-    from mllm_msr.services import build_services, load_data, make_backends, resolve_adapter
+    from mllm_msr.pipeline import build_services, load_data, make_backends, finalize_config
     from mllm_msr.stores.summaries import SummaryStore
 
-    cfg = resolve_adapter(_cfg(config, set_))
+    cfg = finalize_config(_cfg(config, set_))
     work = Path(cfg.run_dir) / "prompt-eval"
     work.mkdir(parents=True, exist_ok=True)
     da, db = complete_prompt_dir(a, work), complete_prompt_dir(b, work)
@@ -320,10 +320,10 @@ def web(port: int = typer.Option(8765, help="Port on 127.0.0.1."),
     import uvicorn
 
     from mllm_msr.data.protocol import build_splits
-    from mllm_msr.services import build_services, load_data, resolve_adapter
+    from mllm_msr.pipeline import build_services, load_data, finalize_config
     from mllm_msr.web import create_app
 
-    cfg = resolve_adapter(_cfg(config, set_))
+    cfg = finalize_config(_cfg(config, set_))
     ds = load_data(cfg)
     s = build_services(cfg, ds)
     cases = build_splits(ds, cfg.protocol).test[:users]

@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi import FastAPI, Form, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
-from mllm_msr.graphs.nodes import Services
+from mllm_msr.pipeline import Services
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1100px;color:#222}
 .row{display:flex;flex-wrap:wrap;gap:10px}.card{width:130px;font-size:12px}

@@ -135,7 +135,8 @@ def test_titles_examples_and_prompt_show_history_titles_only():
     catalog = {f"i{k}": Item(f"i{k}", f"title {k}", text="long text", image_path=None) for k in range(30)}
     seq = [f"i{k}" for k in range(6)]
     rec = Recommender(None, RecommenderConfig(history="titles", title_history=2, use_images=False))
-    exs = sft.examples_from_sequences({"u": seq}, ["u"], catalog, rec.titles_context, seed=0)
+    exs = sft.examples_from_sequences({"u": seq}, ["u"], catalog,
+                                      lambda ids: rec.titles_context([catalog[i].title for i in ids]), seed=0)
     yes = [(e.user_summary, e.item.item_id) for e in exs if e.label == "yes"]
     assert yes == [("title 1 | title 2", "i3"), ("title 2 | title 3", "i4"), ("title 3 | title 4", "i5")]
     assert all(e.item.item_id not in seq for e in exs if e.label == "no") and len(exs) == 6

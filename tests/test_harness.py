@@ -128,7 +128,7 @@ def test_llm_rows_through_runner_with_fake_models(ds, tmp_path):
     from mllm_msr.config import load_config
     from mllm_msr.models.base import ModelBackend
     from mllm_msr.models.factory import LangChainChatBackend
-    from mllm_msr.services import build_services
+    from mllm_msr.pipeline import build_services
     from mllm_msr.stores.summaries import SummaryStore
 
     class LenScorer(ModelBackend):
@@ -187,7 +187,7 @@ def test_llm_seed_on_another_split_than_the_adapter_was_trained_on_is_not_scored
 def test_shipped_adapter_guard_applies_without_configured_adapters(ds, tmp_path):
     """`msr eval` on the embedded default: the shipped adapter's provenance is found by itself."""
     from mllm_msr.config import load_config
-    from mllm_msr.services import SHIPPED_ADAPTER
+    from mllm_msr.pipeline import SHIPPED_ADAPTER
 
     if not (SHIPPED_ADAPTER / "PROVENANCE.json").is_file():
         pytest.skip("no shipped adapter")

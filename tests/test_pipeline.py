@@ -24,8 +24,8 @@ from mllm_msr.data.protocol import ProtocolConfig, build_splits
 from mllm_msr.data.synth import SynthConfig, generate_benchmark
 from mllm_msr.graphs.pipeline import compile_pipeline, sqlite_checkpointer, thread
 from mllm_msr.prompts import PROMPT_DIR
-from mllm_msr.runner import run_cases
-from mllm_msr.services import build_services
+from mllm_msr.pipeline import run_cases
+from mllm_msr.pipeline import build_services
 from mllm_msr.stores.summaries import StoreConfig, SummaryStore
 
 
@@ -157,13 +157,18 @@ def test_retrained_adapter_under_the_same_name_invalidates_cached_scores(dataset
     scorer.adapters = {"rec": str(folder)}
     cfg = MSRConfig(store=StoreConfig(path=str(tmp_path / "chroma")), run_dir=str(tmp_path / "run"),
                     recommender=RecommenderConfig(adapter="rec"))
-    s = build_services(cfg, dataset, generator=CountingChat(), scorer=scorer)
+    cfg = cfg.model_copy(update={"scorer": cfg.scorer.model_copy(update={"adapters": {"rec": str(folder)}})})
+
+    def scored_pairs() -> int:  # a fresh process: services are built from the config each time
+        s = build_services(cfg, dataset, generator=CountingChat(), scorer=scorer)
+        return run_cases(s, cases, tmp_path / "run", show_progress=False)["model_calls"]["scored_pairs"]
+
     cases = build_splits(dataset, ProtocolConfig()).test
     n = 21 * len(cases)
-    assert run_cases(s, cases, tmp_path / "run", show_progress=False)["model_calls"]["scored_pairs"] == n
-    assert run_cases(s, cases, tmp_path / "run", show_progress=False)["model_calls"]["scored_pairs"] == 0
+    assert scored_pairs() == n
+    assert scored_pairs() == 0
     (folder / "adapter_model.safetensors").write_bytes(b"weights v2")  # retrained in place
-    assert run_cases(s, cases, tmp_path / "run", show_progress=False)["model_calls"]["scored_pairs"] == n
+    assert scored_pairs() == n
 
 
 def test_titles_mode_scores_from_history_titles_without_any_summary(dataset, tmp_path):

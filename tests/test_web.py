@@ -10,7 +10,7 @@ from mllm_msr.config import MSRConfig
 from mllm_msr.data.loaders import load_microlens
 from mllm_msr.data.protocol import ProtocolConfig, build_splits
 from mllm_msr.data.synth import SynthConfig, generate_benchmark
-from mllm_msr.services import build_services
+from mllm_msr.pipeline import build_services
 from mllm_msr.stores.summaries import StoreConfig
 from mllm_msr.web import create_app
 

@@ -171,10 +171,10 @@ def _skip_reason(ctx: EvalContext, row: Row) -> str | None:
     if row.kind == "llm":
         if ctx.msr_cfg is None:
             return "no MSRConfig given (LLM rows need the pipeline's settings)"
-        from mllm_msr.services import resolve_adapter
+        from mllm_msr.pipeline import finalize_config
 
         if (row.key == "tallrec" and ctx.services_factory is None
-                and "tallrec" not in resolve_adapter(ctx.msr_cfg).scorer.adapters):
+                and "tallrec" not in finalize_config(ctx.msr_cfg).scorer.adapters):
             return ("no text-only (TALLRec-style) LoRA adapter: train one with `python -m "
                     "mllm_msr.finetune.sft benchmark --set history=titles --set adapter_name=tallrec` "
                     "and set scorer.adapters.tallrec=PATH")
@@ -209,13 +209,13 @@ def _adapter_overlap(ctx: EvalContext, llm_cfg: Any, seed: int) -> str | None:
 def _llm_cfg(ctx: EvalContext, row: Row, seed: int):
     from mllm_msr.config import load_config
 
-    from mllm_msr.services import resolve_adapter
+    from mllm_msr.pipeline import finalize_config
 
     base = ctx.msr_cfg.model_copy(update={"protocol": ctx.protocol.model_copy(update={"seed": seed})})
     cfg = load_config(None, list(row.overrides), base=base)
     # the adapters the row will really use (shipped ones included), so the row's cache key carries
     # their weights hash and the leak guard reads their provenance
-    return cfg if ctx.services_factory is not None else resolve_adapter(cfg)
+    return cfg if ctx.services_factory is not None else finalize_config(cfg)
 
 
 def _run_baseline(ctx: EvalContext, row: Row, seed: int, splits: Splits) -> dict:
@@ -238,15 +238,15 @@ class _LLMRunner:
         self.ctx, self._shared = ctx, None
 
     def services(self, cfg):
-        from mllm_msr.services import build_services, make_backends, resolve_adapter
+        from mllm_msr.pipeline import build_services, make_backends, finalize_config
 
         if self.ctx.services_factory is not None:
             return self.ctx.services_factory(cfg, self.ctx.dataset), cfg
-        resolved = resolve_adapter(cfg)
+        resolved = finalize_config(cfg)
         if self._shared is None:
             from mllm_msr.stores.summaries import SummaryStore
 
-            full = resolve_adapter(self.ctx.msr_cfg)
+            full = finalize_config(self.ctx.msr_cfg)
             scorer_cfg = full.scorer.model_copy(update={"adapters": {**full.scorer.adapters, **cfg.scorer.adapters}})
             gen, sc = make_backends(full.model_copy(update={"scorer": scorer_cfg}))
             self._shared = (gen, sc, SummaryStore(full.store))
@@ -254,21 +254,13 @@ class _LLMRunner:
         return build_services(resolved, self.ctx.dataset, generator=gen, scorer=sc, store=store), resolved
 
     def run(self, row: Row, seed: int, splits: Splits, cfg) -> dict:
-        from mllm_msr.runner import run_cases
+        from mllm_msr.pipeline import run_cases
 
         cases = splits.test[: self.ctx.users or cfg.max_test_users or len(splits.test)]
         services, resolved = self.services(cfg)
         run_dir = self.ctx.out_dir / "eval" / row.key / f"run-seed{seed}"
         result = run_cases(services, cases, run_dir, show_progress=self.ctx.show_progress)
-        by_user: dict[str, list[float]] = {}
-        with open(run_dir / "scores.jsonl", encoding="utf-8") as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue
-                by_user[(r["user_id"], tuple(r["candidates"]))] = r["scores"]
-        scores = [by_user[(c.user_id, tuple(c.candidates))] for c in cases]
+        scores = [r["scores"] for r in result["rows"]]
         info = {"adapter": resolved.recommender.adapter, "model_calls": result.get("model_calls"),
                 "timings_s": result.get("timings_s"), "overrides": list(row.overrides)}
         if row.key != "zero_shot" and resolved.recommender.adapter is None and cfg.recommender.adapter is not None:
@@ -539,7 +531,7 @@ def register(app) -> None:
             cli.console.print(f"[red]{e}[/]")
             raise typer.Exit(2)
         out_dir = Path(out or cfg.run_dir)
-        from mllm_msr.services import load_data
+        from mllm_msr.pipeline import load_data
 
         with cli.run_lock(out_dir / "eval"):
             ds = load_data(cfg)

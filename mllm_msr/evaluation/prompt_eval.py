@@ -14,9 +14,9 @@ from typing import Sequence
 from mllm_msr.config import MSRConfig
 from mllm_msr.data.protocol import EvalCase
 from mllm_msr.evaluation.metrics import paired_bootstrap, per_case_metrics
-from mllm_msr.graphs.nodes import Services
+from mllm_msr.pipeline import Services
 from mllm_msr.prompts import PROMPT_DIR, list_prompts, load_prompt
-from mllm_msr.runner import run_cases
+from mllm_msr.pipeline import run_cases
 
 METRICS = ("user_auc", "hr@5", "mrr@5", "ndcg@5")
 
@@ -61,12 +61,8 @@ def compare(services_for, cases: Sequence[EvalCase], dir_a: Path, dir_b: Path, w
     for side, d in (("A", dir_a), ("B", dir_b)):
         s: Services = services_for(d)
         res = run_cases(s, cases, work / f"run-{d.name}", show_progress=show_progress)
-        results[side] = res
-        import json
-
-        rows = {json.loads(l)["user_id"]: json.loads(l) for l in
-                (work / f"run-{d.name}" / "scores.jsonl").read_text().splitlines() if l.endswith("}")}
-        per_case[side] = per_case_metrics(cases, [rows[c.user_id]["scores"] for c in cases])
+        results[side] = {k: v for k, v in res.items() if k != "rows"}
+        per_case[side] = per_case_metrics(cases, [r["scores"] for r in res["rows"]])
     diffs = {}
     for m in METRICS:
         a, b = per_case["A"][m], per_case["B"][m]
