@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["ci_strict"]  # under CI=1 / MSR_CI=1 a skip is a failure
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

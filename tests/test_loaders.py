@@ -7,8 +7,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mllm_msr.data.loaders import (DataWarning, load_amazon2023, load_dataset, load_microlens,
-                                   load_movielens100k, load_recbole)
+from mllm_msr.data.loaders import (
+    DataWarning,
+    load_amazon2023,
+    load_dataset,
+    load_microlens,
+    load_movielens100k,
+    load_recbole,
+)
 from mllm_msr.data.schema import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore::mllm_msr.data.loaders.DataWarning")

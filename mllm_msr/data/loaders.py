@@ -3,10 +3,10 @@
 Every delimited file (CSV, TSV, RecBole atomic files) is parsed by the ``csv`` module as
 RFC 4180: quoted fields may hold delimiters, doubled quotes and newlines; a UTF-8 BOM and CRLF
 line ends are accepted. Fatal problems (a required file missing, a wrong header, a quoted field
-never closed) raise :class:`DataError` naming the file, line and field. Bad rows are skipped, counted in ``dataset.report`` and warned about with
-the file and line. Images are only ever read from local folders (never downloaded), must resolve
-inside the dataset root (``../`` and symlink escapes are rejected) and are verified cheaply with
-PIL; an item whose image is unusable keeps ``image_path=None``.
+never closed) raise :class:`DataError` naming the file, line and field. Bad rows are skipped,
+counted in ``dataset.report`` and warned about with the file and line. Images are only ever read
+from local folders (never downloaded), must resolve inside the dataset root (``../`` and symlink
+escapes are rejected) and are verified cheaply with PIL; an item whose image is unusable keeps ``image_path=None``.
 """
 from __future__ import annotations
 
@@ -20,12 +20,16 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from mllm_msr.data.schema import DataError, Dataset, Interaction, Item, LoadReport
+
+if TYPE_CHECKING:
+    from mllm_msr.data.remote import RemoteImageConfig
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +195,8 @@ def _finish(name: str, items: dict[str, Item], raw: list[tuple[str, float, str, 
     inter: list[Interaction] = []
     for user, ts, item, rating, where in raw:
         if item not in items:
-            _warn(report, "unknown_item", f"{where}: interaction of user {user!r} references unknown item {item!r}; skipped")
+            _warn(report, "unknown_item",
+                  f"{where}: interaction of user {user!r} references unknown item {item!r}; skipped")
             continue
         inter.append((Interaction(user, ts, item, rating), where))  # type: ignore[arg-type]
     inter.sort(key=lambda x: (x[0].user_id, x[0].timestamp))  # stable: same-second ties keep file order
@@ -200,7 +205,8 @@ def _finish(name: str, items: dict[str, Item], raw: list[tuple[str, float, str, 
     for it, where in inter:  # type: ignore[misc]
         key = (it.user_id, it.item_id)
         if key in seen:
-            _warn(report, "duplicate_interaction", f"{where}: duplicate interaction user {it.user_id!r} item {it.item_id!r}; kept the first")
+            _warn(report, "duplicate_interaction",
+                  f"{where}: duplicate interaction user {it.user_id!r} item {it.item_id!r}; kept the first")
             continue
         seen.add(key)
         kept.append(it)
@@ -246,7 +252,8 @@ def load_microlens(root: Path, prefix: str | None = None) -> Dataset:
     header = [h.strip().lower() for h in first[1]]
     title_col = next((k for k, h in enumerate(header) if "title" in h), None)
     if header[0] not in ("item", "item_id") or title_col is None:
-        raise DataError(f"titles header must start 'item,title' (extra columns allowed), got {','.join(first[1])[:80]!r}",
+        raise DataError("titles header must start 'item,title' (extra columns allowed), "
+                        f"got {','.join(first[1])[:80]!r}",
                         file=titles_path, line=first[0], field_name="header")
     gt: dict[str, Any] = {}
     gt_path = root / "ground_truth.json"
@@ -263,8 +270,9 @@ def load_microlens(root: Path, prefix: str | None = None) -> Dataset:
             row = [row[0], ",".join(row[1:])]
         if len(row) != len(header) or not row[0].strip():
             field = "item" if row and not row[0].strip() else "field count"
-            _warn(report, "malformed_row", f"{titles_path}:{n}: field {field!r}: expected {len(header)} fields "
-                                           f"({','.join(header)}) with an item id, got {len(row)}: {','.join(row)[:80]!r}; skipped")
+            _warn(report, "malformed_row",
+                  f"{titles_path}:{n}: field {field!r}: expected {len(header)} fields ({','.join(header)}) "
+                  f"with an item id, got {len(row)}: {','.join(row)[:80]!r}; skipped")
             continue
         iid, title = row[0].strip(), row[title_col].strip()
         if iid in items:
@@ -309,12 +317,14 @@ def load_microlens(root: Path, prefix: str | None = None) -> Dataset:
         known = [(i, w) for i, w in seq if i in items]
         if not known:
             for i, w in seq:
-                _warn(report, "unknown_item", f"{w}: interaction of user {user!r} references unknown item {i!r}; skipped")
+                _warn(report, "unknown_item",
+                      f"{w}: interaction of user {user!r} references unknown item {i!r}; skipped")
             _warn(report, "empty_user", f"{seq[0][1]}: user {user!r} has no interactions with known items; skipped")
             continue
         use_stamps = bool(stamps) and all((user, i) in stamps for i, _ in known)
         if stamps and not use_stamps:
-            _warn(report, "missing_timestamp", f"{ts_path}: user {user!r} lacks timestamps for some items; using positions")
+            _warn(report, "missing_timestamp",
+                  f"{ts_path}: user {user!r} lacks timestamps for some items; using positions")
         for pos, (i, w) in enumerate(seq):
             raw.append((user, stamps[(user, i)] if use_stamps and (user, i) in stamps else float(pos), i, None, w))
     return _finish(prefix, items, raw, report, root, has_images=covers.is_dir())
@@ -356,7 +366,7 @@ def _first_image_url(row: dict) -> str | None:
 
 
 def load_amazon2023(reviews_jsonl: Path, meta_jsonl: Path, image_dir: Path | None = None,
-                    remote_images: "RemoteImageConfig | None" = None) -> Dataset:
+                    remote_images: RemoteImageConfig | None = None) -> Dataset:
     """Amazon Reviews 2023: reviews (``user_id, parent_asin, rating, timestamp`` in ms) joined with
     meta (``parent_asin, title, description, features, images``) on ``parent_asin``.
 
@@ -423,7 +433,8 @@ def _atomic_header(path: Path, rows: Iterator[tuple[int, list[str]]], kind: str)
         raise DataError(f"empty {kind} file; expected a header", file=path, line=1)
     names = [h.split(":", 1)[0].strip() for h in first[1]]
     if not all(names):
-        raise DataError(f"bad RecBole header {chr(9).join(first[1])[:80]!r}", file=path, line=first[0], field_name="header")
+        raise DataError(f"bad RecBole header {chr(9).join(first[1])[:80]!r}", file=path, line=first[0],
+                        field_name="header")
     return names
 
 
@@ -470,8 +481,9 @@ def load_recbole(inter_path: Path, item_path: Path | None = None, name: str | No
     for n, parts in rows:
         where = f"{inter_path}:{n}"
         if len(parts) != len(cols) or not parts[u_col].strip() or not parts[i_col].strip():
-            _warn(report, "malformed_row", f"{where}: expected {len(cols)} tab-separated fields with user_id and item_id, "
-                                           f"got {len(parts)}; skipped")
+            _warn(report, "malformed_row",
+                  f"{where}: expected {len(cols)} tab-separated fields with user_id and item_id, "
+                  f"got {len(parts)}; skipped")
             continue
         user, iid = parts[u_col].strip(), parts[i_col].strip()
         field = "timestamp"
