@@ -14,8 +14,13 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 
 from mllm_msr.config import MSRConfig
-from mllm_msr.graphs.nodes import (make_recommend, make_retrieve, make_summarize_items, make_update_memory,
-                                   needs_retrieval)
+from mllm_msr.graphs.nodes import (
+    make_recommend,
+    make_retrieve,
+    make_summarize_items,
+    make_update_memory,
+    needs_retrieval,
+)
 from mllm_msr.graphs.state import RecState
 from mllm_msr.pipeline import Services
 

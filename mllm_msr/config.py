@@ -31,6 +31,10 @@ class MSRConfig(BaseModel):
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Recurrent user memory.")
     recommender: RecommenderConfig = Field(default_factory=RecommenderConfig, description="Recommender.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Chroma store.")
+    checkpointer: str | None = Field(
+        None, pattern=r"^(sqlite:///|postgres(ql)?://)",
+        description="Where LangGraph checkpoints live: 'postgresql://user:pass@host:port/db' "
+                    "(LangGraph's Postgres checkpointer), 'sqlite:///PATH', or None = SQLite files in run_dir.")
     run_dir: str = Field("runs/default", description="Where results, scores and checkpoints are written.")
     max_test_users: int | None = Field(None, description="Evaluate at most this many test users (None = all).")
     retrieve_n: int = Field(20, description="Candidates retrieved from Chroma when none are given.")

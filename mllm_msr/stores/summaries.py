@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import chromadb
 from chromadb.api.types import EmbeddingFunction
+from chromadb.config import Settings
+from chromadb.errors import NotFoundError, UniqueConstraintError
 from pydantic import BaseModel, Field
 
 from mllm_msr.paths import file_sha256
@@ -31,6 +34,8 @@ class StoreConfig(BaseModel):
     path: str = Field("runs/store/chroma", description="Folder of the embedded Chroma PersistentClient.")
     host: str | None = Field(None, description="Chroma server host; when set, use HttpClient instead of the folder.")
     port: int = Field(8000, description="Chroma server port (with host).")
+    database: str = Field(chromadb.DEFAULT_DATABASE, description="Database on the Chroma server (with host; "
+                          "created if missing), so several runs or benchmarks can share one server.")
 
 
 def digest(*parts: Any) -> str:
@@ -64,6 +69,21 @@ class UserSummaryVersion:
     source: str = "history"  # or "feedback" (chat)
 
 
+def http_client(cfg: StoreConfig) -> Any:
+    """A client of the Chroma server at ``cfg.host:cfg.port``, on ``cfg.database`` (created if missing)."""
+    if cfg.database != chromadb.DEFAULT_DATABASE:
+        admin = chromadb.AdminClient(Settings(chroma_api_impl="chromadb.api.fastapi.FastAPI",
+                                              chroma_server_host=cfg.host, chroma_server_http_port=cfg.port))
+        try:
+            admin.get_database(cfg.database)
+        except NotFoundError:
+            try:
+                admin.create_database(cfg.database)
+            except UniqueConstraintError:
+                pass  # another process created it meanwhile
+    return chromadb.HttpClient(host=cfg.host, port=cfg.port, database=cfg.database)
+
+
 class SummaryStore:
     """Chroma-backed store; the only place that reads or writes summaries."""
 
@@ -72,7 +92,7 @@ class SummaryStore:
         cfg = cfg or StoreConfig()
         if client is None:
             if cfg.host:
-                client = chromadb.HttpClient(host=cfg.host, port=cfg.port)
+                client = http_client(cfg)
             else:
                 Path(cfg.path).mkdir(parents=True, exist_ok=True)
                 client = chromadb.PersistentClient(path=cfg.path)
@@ -88,7 +108,7 @@ class SummaryStore:
             return {}
         got = self.items.get(ids=list(dict.fromkeys(keys)), include=["documents", "metadatas"])
         return {k: ItemSummary(m["item_id"], k, d, m.get("image_description", ""), m.get("text_summary", ""))
-                for k, d, m in zip(got["ids"], got["documents"], got["metadatas"])}
+                for k, d, m in zip(got["ids"], got["documents"], got["metadatas"], strict=True)}
 
     def put_items(self, summaries: Iterable[ItemSummary], extra: dict[str, Any] | None = None) -> None:
         rows = list(summaries)
@@ -108,7 +128,7 @@ class SummaryStore:
         res = self.items.query(query_texts=[query], n_results=min(total, n + len(exclude) + 8),
                                where=where, include=["metadatas", "distances"])
         out, seen = [], set()
-        for m, d in zip(res["metadatas"][0], res["distances"][0]):
+        for m, d in zip(res["metadatas"][0], res["distances"][0], strict=True):
             iid = m["item_id"]
             if iid in exclude or iid in seen:
                 continue
@@ -137,7 +157,7 @@ class SummaryStore:
     def user_history(self, user_id: str) -> list[UserSummaryVersion]:
         """Every stored version for a user, by step (then by how much history it covers)."""
         got = self.users.get(where={"user_id": user_id}, include=["documents", "metadatas"])
-        vs = [self._user_from(k, d, m) for k, d, m in zip(got["ids"], got["documents"], got["metadatas"])]
+        vs = [self._user_from(k, d, m) for k, d, m in zip(got["ids"], got["documents"], got["metadatas"], strict=True)]
         return sorted(vs, key=lambda v: (v.step, len(v.covered), v.timestamp))
 
     @staticmethod
