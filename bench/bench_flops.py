@@ -22,7 +22,6 @@ Target: achieved / peak >= 25%. Results: one JSON line in ``bench/results/bench_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

@@ -21,7 +21,6 @@ alternate per repeat; medians. Results: one JSON line in ``bench/results/bench_i
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics

@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from _common import model_path, recommend_requests  # noqa: E402
 
+
 def requests(images: list[Path], n: int):
     """n candidates with the given covers, through the recommender's own prompt."""
     from mllm_msr.data.schema import Item
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         shared = b.score_yes_no(reqs, prefix_sharing=True)
         shared_t.append(time.perf_counter() - t)
     tn, ts = statistics.median(naive_t), statistics.median(shared_t)
-    delta = max(abs(a - s) for a, s in zip(naive, shared))
+    delta = max(abs(a - s) for a, s in zip(naive, shared, strict=True))
     rank_same = sorted(range(len(naive)), key=lambda i: -naive[i]) == \
         sorted(range(len(shared)), key=lambda i: -shared[i])
     print(f"naive  scoring: {tn * 1000:8.1f} ms  (median of {args.repeats})")

@@ -1,12 +1,14 @@
-"""Shared fixtures: a tiny random Idefics3 model folder and a few tiny cover images.
-
-Session-scoped and cheap (the model builds in ~1 s); other test modules may add fixtures here.
+"""Shared fixtures: a tiny random Idefics3 model folder, a few tiny cover images and the small
+synthetic benchmark. Session-scoped and cheap (the model builds in ~1 s). Plain helpers live in
+helpers.py: tests never import conftest.
 """
 from __future__ import annotations
 
 import os
 
 import pytest
+
+from helpers import SMALL_SYNTH, write_covers
 
 pytest_plugins = ["ci_strict"]  # under CI=1 / MSR_CI=1 a skip is a failure
 
@@ -26,46 +28,29 @@ def tiny_idefics3(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_images(tmp_path_factory):
     """Three small PNG covers (different colour / shape / pattern)."""
-    from mllm_msr.data.covers import draw_cover
+    return write_covers(tmp_path_factory.mktemp("images"))
 
-    d = tmp_path_factory.mktemp("images")
-    paths = []
-    for k, (c, s, p) in enumerate([("red", "circle", "solid"), ("blue", "star", "striped"),
-                                   ("green", "square", "dotted")]):
-        path = d / f"cover{k}.png"
-        draw_cover(c, s, p, size=64).save(path)
-        paths.append(path)
-    return paths
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """Folder of the shared small synthetic benchmark (helpers.SMALL_SYNTH); read-only for tests."""
+    from mllm_msr.data.synth import generate_benchmark
+
+    return generate_benchmark(tmp_path_factory.mktemp("synth") / "small", SMALL_SYNTH)
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(synth_root):
+    """The shared small synthetic benchmark, loaded; tests must not mutate it."""
+    from mllm_msr.data.loaders import load_microlens
+
+    return load_microlens(synth_root)
 
 
 @pytest.fixture(scope="session")
 def tiny_image(tiny_images):
     """One small PNG cover."""
     return tiny_images[0]
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 for servers the tests start."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, server, tries: int = 240) -> bytes:
-    """GET ``url`` until it answers; fail with the server's output if it dies or never answers."""
-    import time
-    import urllib.request
-
-    for _ in range(tries):
-        try:
-            return urllib.request.urlopen(url, timeout=2).read()
-        except OSError:
-            if server.poll() is not None:
-                pytest.fail(server.stdout.read()[-3000:])
-            time.sleep(0.5)
-    pytest.fail(f"no answer from {url}")
 
 
 @pytest.fixture(scope="session")

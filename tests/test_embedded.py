@@ -155,7 +155,8 @@ def test_tiny_model_runs_in_vllm_with_an_image(tiny_dir, tiny, tmp_path):
         if __name__ == "__main__":
             llm = LLM(model={str(tiny_dir)!r}, enforce_eager=True, max_model_len=512, dtype="float32",
                       limit_mm_per_prompt={{"image": 1}})
-            out = llm.generate([{{"prompt": {text!r}, "multi_modal_data": {{"image": Image.open({str(img_path)!r}).convert("RGB")}}}}],
+            image = Image.open({str(img_path)!r}).convert("RGB")
+            out = llm.generate([{{"prompt": {text!r}, "multi_modal_data": {{"image": image}}}}],
                                SamplingParams(max_tokens=8, temperature=0))
             print("IDS", json.dumps(list(out[0].outputs[0].token_ids)))
     """))
@@ -205,5 +206,5 @@ def test_shipped_weights_caption_the_colour():
     model, proc = E.load_model(folder)
     pairs = [("red", "circle", "solid", 11), ("blue", "square", "striped", 12), ("yellow", "star", "dotted", 13)]
     caps = A.caption_images(model, proc, [A.render(p)[0] for p in pairs])
-    for p, cap in zip(pairs, caps):
+    for p, cap in zip(pairs, caps, strict=True):
         assert covers.parse_caption(cap)["colour"] == p[0], (p, cap)

@@ -159,7 +159,6 @@ def test_tiny_model_learns_separable_task(trained):
     assert m["global_step"] == 120
     assert m["loss"]["last_loss"] < m["loss"]["first_loss"] - 1.0
     assert m["eval"]["auc"] > 0.9, m["eval"]
-    assert m["wall_s"] < 90
     log = json.loads((out / "train_log.json").read_text())
     assert any("loss" in r for r in log)
     # a PEFT adapter on language-model projections only, small

@@ -7,9 +7,7 @@ import json
 import pytest
 import torch
 
-from mllm_msr.data.loaders import load_microlens
 from mllm_msr.data.protocol import ProtocolConfig
-from mllm_msr.data.synth import SynthConfig, generate_benchmark
 from mllm_msr.evaluation import baselines, harness
 from mllm_msr.evaluation.baselines import BaselineConfig
 from mllm_msr.evaluation.harness import EvalContext, parse_rows, run_eval
@@ -20,10 +18,8 @@ ROWS = ["popularity", "gru4rec", "sasrec", "sasrec_image"]
 
 
 @pytest.fixture(scope="module")
-def ds(tmp_path_factory):
-    root = generate_benchmark(tmp_path_factory.mktemp("synth") / "b",
-                              SynthConfig(n_users=40, n_items=60, seed=1, image_size=32))
-    return load_microlens(root)
+def ds(synth_dataset):
+    return synth_dataset
 
 
 def _ctx(ds, out, **kw):
@@ -73,7 +69,8 @@ def test_outputs_cache_and_ci(ds, tmp_path, fit_calls):
     assert set(data["rows"]) == set(ROWS)
     # two different protocol seeds: different splits/negatives -> positive CI half-width
     pop = data["rows"]["popularity"]["summary"]["auc"]
-    assert pop["values"][0] != pop["values"][1] and pop["ci"] > 0
+    a, b = pop["values"]
+    assert a != b and pop["ci"] == pytest.approx(12.7062047 * abs(a - b) / 2, rel=1e-6)  # t(0.975, 1 dof)
     # same splits and candidates for every row of a seed
     c0 = {r: [c["candidates"] for c in res["rows"][r]["per_seed"][0]["cases"]] for r in ROWS}
     assert all(v == c0["popularity"] for v in c0.values())

@@ -39,7 +39,8 @@ def test_injected_titles_do_not_move_fine_tuned_scores():
     rec = Recommender(backend, RecommenderConfig(adapter="rec"))
 
     def recent(case):  # ground-truth captions stand in for item summaries: no generation needed
-        return [f"{ds.items[i].title}. " + caption(**{k: ds.items[i].attributes[k] for k in ("colour", "shape", "pattern")})
+        attrs = ("colour", "shape", "pattern")
+        return [f"{ds.items[i].title}. " + caption(**{k: ds.items[i].attributes[k] for k in attrs})
                 for i in case.history[-3:]]
 
     summary = "The user appears to have a preference for the items below."
@@ -49,7 +50,7 @@ def test_injected_titles_do_not_move_fine_tuned_scores():
         dirty = [rec.score(rec.context(summary, recent(c)),
                            [replace(ds.items[i], title=ds.items[i].title + payload) for i in c.candidates])
                  for c in cases]
-        deltas = [abs(a - b) for ca, cb in zip(clean, dirty) for a, b in zip(ca, cb)]
+        deltas = [abs(a - b) for ca, cb in zip(clean, dirty, strict=True) for a, b in zip(ca, cb, strict=True)]
         mean_delta = sum(deltas) / len(deltas)
         auc = evaluate(cases, dirty)["auc"]
         print(f"{name}: mean |dp| {mean_delta:.4f}, max {max(deltas):.4f}, AUC {base:.3f} -> {auc:.3f}")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, wait_for_http
+
+from helpers import free_port, wait_for_http
 
 ROOT = Path(__file__).resolve().parent.parent
 

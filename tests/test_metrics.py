@@ -6,8 +6,15 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from mllm_msr.data.protocol import EvalCase
-from mllm_msr.evaluation.metrics import (auc_score, bootstrap_ci, evaluate, mean_ci,
-                                         paired_bootstrap, per_case_metrics, positive_rank)
+from mllm_msr.evaluation.metrics import (
+    auc_score,
+    bootstrap_ci,
+    evaluate,
+    mean_ci,
+    paired_bootstrap,
+    per_case_metrics,
+    positive_rank,
+)
 
 
 def case(labels):
@@ -43,10 +50,10 @@ def test_pooled_auc_equals_sklearn_on_concatenation():
         cases.append(case(labels))
         scores.append([round(rng.random(), 1) for _ in labels])
     res = evaluate(cases, scores)
-    y = [l for c in cases for l in c.labels]
+    y = [label for c in cases for label in c.labels]
     s = [x for sc in scores for x in sc]
     assert res["auc"] == pytest.approx(roc_auc_score(y, s))
-    per = [roc_auc_score(c.labels, sc) for c, sc in zip(cases, scores)]
+    per = [roc_auc_score(c.labels, sc) for c, sc in zip(cases, scores, strict=True)]
     assert res["user_auc"] == pytest.approx(np.mean(per))
 
 

@@ -5,7 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mllm_msr.config import describe, load_config
 from mllm_msr.prompts import PROMPT_DIR, PromptError, list_prompts, load_prompt, neutralise, render_items

@@ -43,12 +43,12 @@ def test_targets_histories_and_negatives(ds):
         assert list(c.history) == seqs[c.user_id][:-1][-20:]
         assert len(c.history_timestamps) == len(c.history)
         assert list(c.history_timestamps) == sorted(c.history_timestamps)
-        negs = [x for x, l in zip(c.candidates, c.labels) if l == 0]
+        negs = [x for x, lab in zip(c.candidates, c.labels, strict=True) if lab == 0]
         assert not set(negs) & touched[c.user_id]
     assert len({c.labels.index(1) for c in sp.test}) > 1  # positive position is shuffled
     for c in sp.valid:
         assert len(c.candidates) == 2 and sum(c.labels) == 1
-        assert not {x for x, l in zip(c.candidates, c.labels) if l == 0} & touched[c.user_id]
+        assert not {x for x, lab in zip(c.candidates, c.labels, strict=True) if lab == 0} & touched[c.user_id]
     pos = [e for e in sp.train if e.label == 1]
     neg = [e for e in sp.train if e.label == 0]
     assert len(pos) == len(neg) == 80  # 1:1, one target per user (paper)

@@ -9,8 +9,14 @@ from PIL import Image
 from mllm_msr.data.covers import VISUAL_ATTRIBUTES
 from mllm_msr.data.loaders import load_dataset, load_microlens
 from mllm_msr.data.protocol import ProtocolConfig, build_splits
-from mllm_msr.data.synth import (GENRES, SynthConfig, default_benchmark_dir, generate_benchmark,
-                                 item_caption, load_ground_truth)
+from mllm_msr.data.synth import (
+    GENRES,
+    SynthConfig,
+    default_benchmark_dir,
+    generate_benchmark,
+    item_caption,
+    load_ground_truth,
+)
 from mllm_msr.evaluation.metrics import evaluate
 
 
@@ -43,7 +49,7 @@ def test_layout_and_sizes(bench, ds):
     assert all(it.image_path is not None for it in ds.items.values())
     with Image.open(next(iter(ds.items.values())).image_path) as im:
         assert im.size == (128, 128) and im.format == "JPEG"
-    for u, seq in ds.sequences().items():
+    for seq in ds.sequences().values():
         assert 8 <= len(seq) <= 13
         ts = [i.timestamp for i in seq]
         assert ts == sorted(ts) and ts[0] > 1e9  # real timestamps from synth_timestamps.tsv

@@ -3,21 +3,19 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
-from fakes import CountingChat, OverlapScorer
 
+from fakes import CountingChat, OverlapScorer
 from mllm_msr.agents.recommender import RecommenderConfig
 from mllm_msr.config import MSRConfig
-from mllm_msr.data.loaders import load_microlens
 from mllm_msr.data.protocol import ProtocolConfig, build_splits
-from mllm_msr.data.synth import SynthConfig, generate_benchmark
 from mllm_msr.pipeline import build_services
 from mllm_msr.stores.summaries import StoreConfig
 from mllm_msr.web import create_app
 
 
 @pytest.fixture()
-def client(tmp_path):
-    ds = load_microlens(generate_benchmark(tmp_path / "synth", SynthConfig(n_users=20, n_items=40, seed=5)))
+def client(tmp_path, synth_dataset):
+    ds = synth_dataset
     cfg = MSRConfig(store=StoreConfig(path=str(tmp_path / "chroma")), recommender=RecommenderConfig(adapter=None))
     s = build_services(cfg, ds, generator=CountingChat(), scorer=OverlapScorer())
     s.summarizer.summarize(list(ds.items.values()))
@@ -51,11 +49,11 @@ def test_chat_box_updates_memory_and_shows_the_reply(client):
     assert "feedback" in r.text  # the new summary version is listed in the evolution table
 
 
-def test_prompt_workbench_compares_two_prompt_folders_and_caches(tmp_path):
+def test_prompt_workbench_compares_two_prompt_folders_and_caches(tmp_path, synth_dataset):
     from mllm_msr.evaluation.prompt_eval import compare, complete_prompt_dir, with_prompts
     from mllm_msr.prompts import PROMPT_DIR
 
-    ds = load_microlens(generate_benchmark(tmp_path / "synth", SynthConfig(n_users=20, n_items=40, seed=6)))
+    ds = synth_dataset
     cfg = MSRConfig(store=StoreConfig(path=str(tmp_path / "chroma")), recommender=RecommenderConfig(adapter=None))
     edited = tmp_path / "mine"
     edited.mkdir()
