@@ -313,10 +313,24 @@ def prompts_eval(a: Path = typer.Argument(..., help="Prompt folder A (e.g. the p
 
 
 @app.command("web")
-def web(port: int = typer.Option(8765, help="Port on 127.0.0.1."),
+def web(port: int = typer.Option(8765, help="Port to serve on."),
         users: int = typer.Option(12, help="How many test users to list."),
+        host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback needs "
+                                 "--allow-remote and a token."),
+        allow_remote: bool = typer.Option(False, "--allow-remote",
+                                          help="Allow binding a non-loopback --host (a token is then required)."),
+        token: str | None = typer.Option(None, envvar="MSR_WEB_TOKEN", show_default=False,
+                                            help="Require this token on every request (Authorization: Bearer, "
+                                                 "or ?token= once in a browser). Env: MSR_WEB_TOKEN."),
         config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """Web demo: history covers, summary evolution, recommendations with scores, and a chat box."""
+    from mllm_msr.web import check_bind
+
+    try:
+        check_bind(host, allow_remote, token)
+    except ValueError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
     import uvicorn
 
     from mllm_msr.data.protocol import build_splits
@@ -331,8 +345,9 @@ def web(port: int = typer.Option(8765, help="Port on 127.0.0.1."),
     s.summarizer.summarize(list(ds.items.values()))
     table = {c.user_id: {"history": list(c.history), "timestamps": list(c.history_timestamps),
                          "candidates": list(c.candidates)} for c in cases}
-    console.print(f"serving on http://127.0.0.1:{port}/")
-    uvicorn.run(create_app(s, table), host="127.0.0.1", port=port, log_level="warning")
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"serving on http://{shown}:{port}/" + (" (token required)" if token else ""))
+    uvicorn.run(create_app(s, table, token=token), host=host, port=port, log_level="warning")
 
 
 from mllm_msr.evaluation.harness import register as _register_eval; _register_eval(app)
