@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- vLLM in process
     if not (args.no_vllm or args.no_inprocess):
-        from mllm_msr.models.vllm_backend import VLLMInProcessBackend
+        from mllm_msr.models.vllm_engine import VLLMInProcessBackend
 
         t0 = time.perf_counter()
         v = VLLMInProcessBackend(path, dtype="float32", max_model_len=1024, work_dir=work)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- vLLM server
     if not (args.no_vllm or args.no_server):
-        from mllm_msr.models.vllm_backend import ManagedVLLMServer
+        from mllm_msr.models.vllm_server import ManagedVLLMServer
 
         with ManagedVLLMServer(path, max_model_len=1024, dtype="float32", work_dir=work) as srv:
             print(f"vLLM server healthy after {srv.startup_s:.1f}s")

@@ -269,7 +269,7 @@ class _FlakyServer:
 
 def test_server_backend_retries_then_succeeds(monkeypatch):
     from mllm_msr.models.base import yes_no_probability
-    from mllm_msr.models.vllm_backend import VLLMServerBackend
+    from mllm_msr.models.openai_client import VLLMServerBackend
 
     monkeypatch.setenv("MSR_TEST_KEY", "sk-test-123")
     err = {"error": {"message": "boom", "type": "server_error"}}
@@ -290,7 +290,7 @@ def test_server_backend_retries_then_succeeds(monkeypatch):
 
 
 def test_server_backend_malformed_raises_naming_request(monkeypatch, caplog):
-    from mllm_msr.models.vllm_backend import VLLMServerBackend
+    from mllm_msr.models.openai_client import VLLMServerBackend
 
     monkeypatch.setenv("MSR_TEST_KEY", "sk-test-secret-456")
     for body in (b"not json at all", {"choices": []}, {"id": "x"}):
@@ -309,7 +309,7 @@ def test_server_backend_malformed_raises_naming_request(monkeypatch, caplog):
 # ----------------------------------------------------------------------------- vLLM (slow, real)
 @pytest.fixture(scope="module")
 def vllm_server(tiny_idefics3, lora_adapter, tmp_path_factory):
-    from mllm_msr.models.vllm_backend import ManagedVLLMServer
+    from mllm_msr.models.vllm_server import ManagedVLLMServer
 
     with ManagedVLLMServer(tiny_idefics3, {"rec": str(lora_adapter[0])}, max_model_len=1024,
                            max_logprobs=-1,
@@ -319,7 +319,7 @@ def vllm_server(tiny_idefics3, lora_adapter, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vllm_inproc(tiny_idefics3, lora_adapter, tmp_path_factory):
-    from mllm_msr.models.vllm_backend import VLLMInProcessBackend
+    from mllm_msr.models.vllm_engine import VLLMInProcessBackend
 
     b = VLLMInProcessBackend(tiny_idefics3, {"rec": str(lora_adapter[0])}, max_model_len=1024,
                              work_dir=tmp_path_factory.mktemp("vllm-inproc"))
@@ -351,7 +351,7 @@ def test_vllm_server_generate_images_and_score(vllm_server, hf, tiny_images):
 
 @pytest.mark.slow
 def test_managed_server_death_reports_log_tail(tiny_idefics3, tmp_path):
-    from mllm_msr.models.vllm_backend import ManagedVLLMServer
+    from mllm_msr.models.vllm_server import ManagedVLLMServer
 
     with pytest.raises(BackendError, match="not a local HF model folder"):
         ManagedVLLMServer(tmp_path / "missing", work_dir=tmp_path).start()

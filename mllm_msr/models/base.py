@@ -7,14 +7,15 @@ local file; backends turn it into a data URL, ``multi_modal_data`` or processor 
 from __future__ import annotations
 
 import base64
-import io
 import mimetypes
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, TypeVar
 
 YES_NO = ("yes", "no")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class ChatRequest:
 
     @staticmethod
     def user(parts: Sequence[dict[str, Any]] | str, system: str | None = None,
-             adapter: str | None = None) -> "ChatRequest":
+             adapter: str | None = None) -> ChatRequest:
         msgs: list[dict[str, Any]] = []
         if system:
             msgs.append({"role": "system", "content": system})
@@ -34,10 +35,8 @@ class ChatRequest:
         return ChatRequest(tuple(msgs), adapter)
 
     def image_paths(self) -> list[Path]:
-        out = []
-        for m in self.messages:
-            if isinstance(m["content"], list):
-                out += [Path(p["path"]) for p in m["content"] if p.get("type") == "image"]
+        out: list[Path] = []
+        map_content(self, text=lambda t: None, image=out.append)
         return out
 
 
@@ -71,24 +70,38 @@ def image_data_url(path: str | Path) -> str:
     return f"data:{mime};base64,{base64.b64encode(p.read_bytes()).decode()}"
 
 
-def to_openai_messages(req: ChatRequest) -> list[dict[str, Any]]:
-    """Our parts → OpenAI chat parts (images as data URLs)."""
-    out = []
+def map_content(req: ChatRequest, *, text: Callable[[str], T], image: Callable[[Path], T]
+                ) -> list[tuple[str, str | list[T]]]:
+    """THE content-part walker: each message as ``(role, content)``, a string content unchanged,
+    a list of parts mapped in order by ``text(part_text)`` / ``image(local_path)``. Every
+    backend's message conversion goes through here; an unknown part type raises ValueError."""
+    out: list[tuple[str, str | list[T]]] = []
     for m in req.messages:
         c = m["content"]
         if isinstance(c, str):
-            out.append({"role": m["role"], "content": c})
+            out.append((m["role"], c))
             continue
-        parts = []
+        parts: list[T] = []
         for p in c:
             if p["type"] == "text":
-                parts.append({"type": "text", "text": p["text"]})
+                parts.append(text(p["text"]))
             elif p["type"] == "image":
-                parts.append({"type": "image_url", "image_url": {"url": image_data_url(p["path"])}})
+                parts.append(image(Path(p["path"])))
             else:
                 raise ValueError(f"unknown content part type {p['type']!r}")
-        out.append({"role": m["role"], "content": parts})
+        out.append((m["role"], parts))
     return out
+
+
+def text_part(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+def to_openai_messages(req: ChatRequest) -> list[dict[str, Any]]:
+    """Our parts → OpenAI chat parts (images as data URLs)."""
+    return [{"role": role, "content": content} for role, content in map_content(
+        req, text=text_part,
+        image=lambda p: {"type": "image_url", "image_url": {"url": image_data_url(p)}})]
 
 
 def yes_no_probability(logp_yes: float, logp_no: float) -> float:

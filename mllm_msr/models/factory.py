@@ -5,8 +5,9 @@
 * ``transformers`` — ``TransformersBackend`` in this process (peft adapters, prefix-shared
   scoring).
 * ``vllm`` — ``VLLMInProcessBackend`` (``vllm.LLM``, LoRA requests, prefix caching).
-* ``vllm-server`` — ``VLLMServerBackend``; with ``base_url`` it connects to a running
-  OpenAI-compatible server, without one it starts and owns a ``ManagedVLLMServer``.
+* ``vllm-server`` — ``VLLMServerBackend``; with ``base_url`` / ``base_urls`` it connects to
+  running OpenAI-compatible servers (several replicas: least-busy spread, failover), without
+  one it starts and owns a ``ManagedVLLMServer`` (restarted when its process dies).
 
 ``model="embedded"`` is the default composite (``embedded.ensure_default_model()``); anything
 else is a local HF folder (or, with ``base_url``, the served model name).
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import base64
 import mimetypes
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .base import BackendError, ChatRequest, ModelBackend
+from .base import BackendError, ChatRequest, ModelBackend, map_content, text_part
 
 
 class ModelConfig(BaseModel):
@@ -35,7 +37,11 @@ class ModelConfig(BaseModel):
                        "built from shipped weights; else a local HF folder (with base_url: the "
                        "served model name)")
     base_url: str | None = Field(None, description="connect to this running server (…/v1) "
-                                 "instead of starting one")
+                                 "instead of starting one; set to the first of `base_urls` "
+                                 "when only those are given")
+    base_urls: list[str] = Field(default_factory=list, description="several running replicas "
+                                 "of the same model (…/v1 each): requests go to the least busy "
+                                 "one and fail over to the others when one is down")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the "
                              "server's API key (never stored in configs)")
     dtype: str = Field("float32", description="weights dtype: float32 | bfloat16 | float16")
@@ -52,6 +58,16 @@ class ModelConfig(BaseModel):
     prefix_sharing: bool = Field(True, description="reuse a shared prompt prefix's KV cache "
                                  "when scoring (transformers)")
 
+    @model_validator(mode="after")
+    def _first_endpoint(self) -> ModelConfig:
+        if self.base_url is None and self.base_urls:
+            self.base_url = self.base_urls[0]
+        return self
+
+    def endpoints(self) -> list[str]:
+        """Every server URL configured (``base_url`` first), without repeats."""
+        return list(dict.fromkeys(([self.base_url] if self.base_url else []) + self.base_urls))
+
 
 def resolve_model_path(model: str) -> Path:
     if model == "embedded":
@@ -67,7 +83,7 @@ def resolve_model_path(model: str) -> Path:
 def make_backend(cfg: ModelConfig) -> ModelBackend:
     """Build the backend ``cfg`` describes."""
     if cfg.backend == "vllm-server" and cfg.base_url:
-        from .vllm_backend import VLLMServerBackend
+        from .openai_client import VLLMServerBackend
 
         kw: dict[str, Any] = {}
         local = Path(cfg.model).expanduser() if cfg.model != "embedded" else resolve_model_path(cfg.model)
@@ -76,7 +92,7 @@ def make_backend(cfg: ModelConfig) -> ModelBackend:
             from .hf_backend import answer_token_ids_for
 
             kw["yes_token_id"], kw["no_token_id"] = answer_token_ids_for(local)
-        return VLLMServerBackend(cfg.base_url, served, api_key_env=cfg.api_key_env,
+        return VLLMServerBackend(cfg.endpoints(), served, api_key_env=cfg.api_key_env,
                                  max_concurrency=cfg.max_concurrency, timeout=cfg.timeout,
                                  max_retries=cfg.max_retries, **kw)
     path = resolve_model_path(cfg.model)
@@ -87,11 +103,11 @@ def make_backend(cfg: ModelConfig) -> ModelBackend:
                                    batch_size=cfg.batch_size, threads=cfg.threads,
                                    max_length=cfg.max_model_len, prefix_sharing=cfg.prefix_sharing)
     if cfg.backend == "vllm":
-        from .vllm_backend import VLLMInProcessBackend
+        from .vllm_engine import VLLMInProcessBackend
 
         return VLLMInProcessBackend(path, cfg.adapters or None, dtype=cfg.dtype,
                                     max_model_len=cfg.max_model_len)
-    from .vllm_backend import ManagedServerBackend, ManagedVLLMServer
+    from .vllm_server import ManagedServerBackend, ManagedVLLMServer
 
     server = ManagedVLLMServer(path, cfg.adapters or None, max_model_len=cfg.max_model_len,
                                dtype=cfg.dtype)
@@ -107,27 +123,16 @@ def to_langchain_messages(req: ChatRequest) -> list[Any]:
 
     kinds = {"system": SystemMessage, "user": HumanMessage, "human": HumanMessage,
              "assistant": AIMessage, "ai": AIMessage}
+    def image(path: Path) -> dict[str, Any]:
+        return {"type": "image", "base64": base64.b64encode(path.read_bytes()).decode(),
+                "mime_type": mimetypes.guess_type(path.name)[0] or "image/png"}
+
     out = []
-    for m in req.messages:
-        cls = kinds.get(m["role"])
+    for role, content in map_content(req, text=text_part, image=image):
+        cls = kinds.get(role)
         if cls is None:
-            raise ValueError(f"unknown role {m['role']!r}")
-        c = m["content"]
-        if isinstance(c, str):
-            out.append(cls(content=c))
-            continue
-        blocks: list[dict[str, Any]] = []
-        for p in c:
-            if p["type"] == "text":
-                blocks.append({"type": "text", "text": p["text"]})
-            elif p["type"] == "image":
-                path = Path(p["path"])
-                blocks.append({"type": "image",
-                               "base64": base64.b64encode(path.read_bytes()).decode(),
-                               "mime_type": mimetypes.guess_type(path.name)[0] or "image/png"})
-            else:
-                raise ValueError(f"unknown content part type {p['type']!r}")
-        out.append(cls(content=blocks))
+            raise ValueError(f"unknown role {role!r}")
+        out.append(cls(content=content))
     return out
 
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
-from .base import YES_NO, BackendError, ChatRequest, ModelBackend
+from .base import YES_NO, BackendError, ChatRequest, ModelBackend, map_content, text_part
 
 log = logging.getLogger(__name__)
 
@@ -197,29 +198,22 @@ class TransformersBackend(ModelBackend):
     def _chat_and_images(self, req: ChatRequest) -> tuple[list[dict[str, Any]], list[Any]]:
         from PIL import Image
 
-        msgs, images = [], []
-        for m in req.messages:
-            c = m["content"]
-            if isinstance(c, str):
-                msgs.append({"role": m["role"],
-                             "content": [{"type": "text", "text": c}] if self.supports_images else c})
-                continue
-            parts = []
-            for p in c:
-                if p["type"] == "text":
-                    parts.append({"type": "text", "text": p["text"]})
-                elif p["type"] == "image":
-                    if not self.supports_images:
-                        raise BackendError(f"{self.model_id} is text-only but a request has an image")
-                    with Image.open(p["path"]) as im:
-                        images.append(im.convert("RGB"))
-                    parts.append({"type": "image"})
-                else:
-                    raise ValueError(f"unknown content part type {p['type']!r}")
-            if self.supports_images:
-                msgs.append({"role": m["role"], "content": parts})
+        images: list[Any] = []
+
+        def image(path: Path) -> dict[str, Any]:
+            if not self.supports_images:
+                raise BackendError(f"{self.model_id} is text-only but a request has an image")
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+            return {"type": "image"}
+
+        msgs = []
+        for role, c in map_content(req, text=text_part, image=image):
+            if self.supports_images:  # multimodal templates take part lists
+                msgs.append({"role": role, "content": [text_part(c)] if isinstance(c, str) else c})
             else:
-                msgs.append({"role": m["role"], "content": "".join(p["text"] for p in parts)})
+                msgs.append({"role": role, "content": c if isinstance(c, str)
+                             else "".join(p["text"] for p in c)})
         return msgs, images
 
     def render(self, req: ChatRequest) -> tuple[str, list[Any]]:
