@@ -20,8 +20,8 @@ class RecommenderConfig(BaseModel):
 
     use_images: bool = Field(True, description="Show the candidate's cover to the MLLM (off: title only).")
     adapter: str | None = Field("rec", description="LoRA adapter name to score with (None = base model, zero-shot).")
-    recent_items: int = Field(3, ge=0, description="Extension beyond the paper: also show the summaries of the user's last N history items after the preference summary (0 = the paper's input exactly). The embedded 135M summarizer's preference summaries often lose the concrete colours and genres (measured), so the shipped default keeps the latest block's item summaries in view; the evaluation reports both as separate rows.")
-    history: Literal["summary", "titles"] = Field("summary", description="What the model reads about the user: 'summary' = MLLM-MSR (recurrent preference summary + recent item summaries); 'titles' = TALLRec-style (the titles of the latest history items, no summaries, no images of the history).")
+    recent_items: int = Field(0, ge=0, description="Extension beyond the paper: also show the summaries of the user's last N history items after the preference summary (0 = the paper's input exactly). The embedded 135M summarizer's preference summaries often lose the concrete colours and genres (measured), so this extension is offered and reported as its own evaluation row (MLLM-MSR + recent items); the default is the paper's input.")
+    history: Literal["summary", "titles"] = Field("summary", description="What the model reads about the user: 'summary' = MLLM-MSR (recurrent preference summary, plus recent item summaries when recent_items > 0); 'titles' = TALLRec-style (the titles of the latest history items, no summaries, no images of the history).")
     title_history: int = Field(10, ge=1, description="With history='titles': how many of the latest history titles are shown.")
     prompt: str = Field("recommend", description="Prompt file for candidates with an image.")
     text_prompt: str = Field("recommend_text", description="Prompt file for candidates without an image.")

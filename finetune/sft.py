@@ -720,16 +720,20 @@ def _histories(splits, users: Sequence[str], cases=None):
 
 def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str] = (),
                   sft_cfg: SFTConfig | None = None, work_dir: str | Path = "runs/sft",
-                  ship: str | Path | None = None, max_test_users: int | None = None,
-                  resume: bool = False, max_train_users: int | None = None,
+                  ship: str | Path | None = None, max_valid_users: int | None = 100,
+                  resume: bool = False, max_train_users: int | None = 120,
                   command: str | None = None) -> dict[str, Any]:
     """The whole stage 2 on the configured dataset (default: the bundled benchmark).
 
     1. item summaries + recurrent user summaries for the TRAIN and VALID users (the pipeline's own
        agents, cached in ``work_dir/store``); 2. SFT examples from the stored versions
-       (:func:`examples_from_store`); 3. test metrics zero-shot (no adapter); 4. LoRA SFT, held-out
-       AUC on the valid users' examples; 5. test metrics with the adapter; 6. PROVENANCE.json
-       (and a copy of the adapter in ``ship``)."""
+       (:func:`examples_from_store`); 3. validation metrics zero-shot (no adapter) on the valid
+       users with the test protocol (1 positive : ``protocol.valid_negatives`` negatives); 4. LoRA
+       SFT, held-out AUC on the valid users' examples; 5. validation metrics with the adapter;
+       6. PROVENANCE.json (training user ids included, for the leak guard) and a copy of the
+       adapter in ``ship``. The test set is never read here: ``msr eval`` reads it once per shipped
+       configuration. ``max_train_users`` / ``max_valid_users``: the documented subsets that fit a
+       CPU budget (the first N of the split's order)."""
     from mllm_msr.config import load_config
     from mllm_msr.data.protocol import build_splits
     from mllm_msr.pipeline import run_cases
@@ -758,7 +762,8 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
     # 1. summaries for train + valid users
     train_users = list(splits.train_users)[: max_train_users or None]
     h_tr, f_tr = _histories(splits, train_users)
-    h_va, f_va = _histories(splits, splits.valid_users, splits.valid)
+    valid_cases = splits.valid[: max_valid_users or None]
+    h_va, f_va = _histories(splits, [c.user_id for c in valid_cases], valid_cases)
     hist = {**h_tr, **h_va}
     if titles:  # 2'. examples straight from the sequences
         def titles_text(before: list[str]) -> str:
@@ -788,26 +793,28 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
     save_examples_jsonl(valid_ex, work / "valid_examples.jsonl")
     log.info("SFT examples: %d train, %d valid", len(train_ex), len(valid_ex))
 
-    # 3. zero-shot test
-    cases = splits.test[: max_test_users or cfg.max_test_users or len(splits.test)]
+    # 3. zero-shot on the validation users, test protocol
+    cases = valid_cases
     t0 = time.perf_counter()
-    before = run_cases(services, cases, work / "test_zero_shot", show_progress=False)
-    timings["test_zero_shot_s"] = time.perf_counter() - t0
+    before = run_cases(services, cases, work / "valid_zero_shot", show_progress=False)
+    timings["valid_zero_shot_s"] = time.perf_counter() - t0
     backend.close()
+    if services.memory.llm is not backend:  # a separate generator (e.g. vLLM): free it before training
+        services.memory.llm.close()
     del services, backend
 
     # 4. SFT
     train_metrics = train_sft(sft_cfg, train_ex, model_dir, valid_ex, resume_from_checkpoint=resume or None)
     timings["sft_s"] = train_metrics["wall_s"]
 
-    # 5. test with the adapter
+    # 5. validation users with the adapter
     name = sft_cfg.adapter_name
     cfg_after = load_config(config, [*base_ov, *msr_overrides, f"recommender.adapter={name}",
                                      f"scorer.adapters={{{name}: {sft_cfg.output_dir}}}"])
     services = build_services(cfg_after, ds)
     t0 = time.perf_counter()
-    after = run_cases(services, cases, work / "test_adapter", show_progress=False)
-    timings["test_adapter_s"] = time.perf_counter() - t0
+    after = run_cases(services, cases, work / "valid_adapter", show_progress=False)
+    timings["valid_adapter_s"] = time.perf_counter() - t0
     services.recommender.backend.close()
     timings["total_s"] = time.perf_counter() - t_all
 
@@ -823,13 +830,15 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
                  "synth_config_hash": cfg.synth.config_hash() if cfg.dataset == "synth" else None,
                  "protocol": cfg.protocol.model_dump(), "splits": splits.summary(),
                  "sft_train_examples": len(train_ex), "sft_valid_examples": len(valid_ex),
-                 "sft_train_users": len(f_tr), "test_users": len(cases)},
+                 "sft_train_users": len(f_tr), "valid_users_scored": len(cases),
+                 "train_user_ids": sorted(f_tr), "valid_user_ids": sorted(f_va),
+                 "dataset_fingerprint": ds.fingerprint()},
         "seed": sft_cfg.seed,
         "sft_config": json.loads(sft_cfg.model_dump_json()),
         "msr_config": json.loads(cfg_after.model_dump_json()),
         "training": {k: v for k, v in train_metrics.items()},
-        "test_zero_shot": before,
-        "test_adapter": after,
+        "valid_zero_shot": {k: v for k, v in before.items() if k != "rows"},
+        "valid_adapter": {k: v for k, v in after.items() if k != "rows"},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "adapter_sha256": file_sha256(out / "adapter_model.safetensors"),
         "adapter_bytes": (out / "adapter_model.safetensors").stat().st_size,
@@ -874,8 +883,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--set", "-s", action="append", default=[], help="SFTConfig override key=value.")
     b.add_argument("--work-dir", default="runs/sft", help="Where the store, runs and adapter go.")
     b.add_argument("--ship", help="Copy the final adapter + PROVENANCE.json here (e.g. mllm_msr/weights/rec_adapter).")
-    b.add_argument("--max-test-users", type=int)
-    b.add_argument("--max-train-users", type=int)
+    b.add_argument("--max-valid-users", type=int, default=100)
+    b.add_argument("--max-train-users", type=int, default=120)
     b.add_argument("--resume", action="store_true")
     m = sub.add_parser("merge", help="Merge an adapter into a full model folder.")
     m.add_argument("--model-dir", required=True)
@@ -897,7 +906,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import sys
 
         res = run_benchmark(config=ns.config, msr_overrides=ns.msr_set, sft_cfg=_sft_cfg(ns.set),
-                            work_dir=ns.work_dir, ship=ns.ship, max_test_users=ns.max_test_users,
+                            work_dir=ns.work_dir, ship=ns.ship, max_valid_users=ns.max_valid_users,
                             resume=ns.resume, max_train_users=ns.max_train_users,
                             command=" ".join(["python -m mllm_msr.finetune.sft", *sys.argv[1:]]))
         print(json.dumps(res.get("metrics", res), indent=1))

@@ -36,7 +36,7 @@ class MSRConfig(BaseModel):
         description="Where LangGraph checkpoints live: 'postgresql://user:pass@host:port/db' "
                     "(LangGraph's Postgres checkpointer), 'sqlite:///PATH', or None = SQLite files in run_dir.")
     run_dir: str = Field("runs/default", description="Where results, scores and checkpoints are written.")
-    max_test_users: int | None = Field(None, description="Evaluate at most this many test users (None = all).")
+    max_test_users: int | None = Field(100, description="`msr run` scores the first N test users of the split (None = all). 100 keeps the main job within its 15-minute budget on 2 cores; `msr eval` always scores every test user.")
     retrieve_n: int = Field(20, description="Candidates retrieved from Chroma when none are given.")
     seed: int = Field(0, description="Global seed.")
 

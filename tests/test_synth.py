@@ -43,8 +43,8 @@ def test_layout_and_sizes(bench, ds):
     gt = load_ground_truth(bench)
     assert (bench / "synth_pairs.tsv").is_file() and (bench / "synth_titles.csv").is_file()
     assert (bench / "synth_titles.csv").read_text().splitlines()[0] == "item,title"
-    assert len(gt["items"]) == 240 and len(gt["users"]) == 120
-    assert ds.stats()["users"] == 120 and len(ds.items) == 240
+    assert len(gt["items"]) == 240 and len(gt["users"]) == 3000
+    assert ds.stats()["users"] == 3000 and len(ds.items) == 240
     assert ds.report.total_dropped == 0
     assert all(it.image_path is not None for it in ds.items.values())
     with Image.open(next(iter(ds.items.values())).image_path) as im:
@@ -179,4 +179,13 @@ def test_config_validation():
     with pytest.raises(ValueError):
         generate_benchmark(Path("/nonexistent/never"), SynthConfig(min_history=9, max_history=3))
     assert len(GENRES) == 8
-    assert json.loads(SynthConfig().model_dump_json())["n_users"] == 120
+    assert json.loads(SynthConfig().model_dump_json())["n_users"] == 3000
+
+
+def test_default_split_has_at_least_300_test_users(ds):
+    """The evidence issue's power target: 1 positive + 20 negatives for >= 300 test users."""
+    from mllm_msr.data.protocol import ProtocolConfig, build_splits
+
+    sp = build_splits(ds, ProtocolConfig())
+    assert len(sp.test) >= 300 and all(len(c.candidates) == 21 for c in sp.test)
+    assert all(len(c.candidates) == 21 for c in sp.valid)  # validation uses the test protocol

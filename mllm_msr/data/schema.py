@@ -88,15 +88,27 @@ class Dataset:
                             field_name="item_id")
 
     def sequences(self) -> dict[str, list[Interaction]]:
-        """Each user's interactions in time order (ties broken by item id, deterministically)."""
+        """Each user's interactions in time order (equal timestamps keep the input/file order)."""
         seqs: dict[str, list[Interaction]] = defaultdict(list)
-        for inter in sorted(self.interactions):
+        for inter in sorted(self.interactions, key=lambda i: (i.user_id, i.timestamp)):
             seqs[inter.user_id].append(inter)
         return dict(seqs)
 
     @property
     def users(self) -> list[str]:
         return sorted({i.user_id for i in self.interactions})
+
+    def fingerprint(self) -> dict[str, int | str]:
+        """Identity of the data (name, sizes, digest of every interaction): eval cache keys and the
+        adapters' leak guard compare it, so a regenerated or edited dataset is never mistaken for
+        the one an adapter was trained on."""
+        import hashlib
+        import json
+
+        rows = sorted((i.user_id, i.timestamp, i.item_id) for i in self.interactions)
+        digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:20]
+        return {"name": self.name, "items": len(self.items), "interactions": len(self.interactions),
+                "digest": digest}
 
     def stats(self) -> dict[str, float | int | str]:
         seqs = self.sequences()

@@ -86,7 +86,7 @@ assert not any(re.search(rf"\b{re.escape(b)}\b", t.lower()) for t in _TEMPLATES 
 class SynthConfig(BaseModel):
     """Settings of the synthetic benchmark; the hash of these names its cache folder."""
 
-    n_users: int = Field(120, ge=10, description="Number of users.")
+    n_users: int = Field(3000, ge=10, description="Number of users. 3000 gives 300 test users at the paper's 80/10/10 split, so an AUC's 95% bootstrap interval is about ±0.03 (120 users gave 12 test users and ±0.16).")
     n_items: int = Field(240, ge=20, description="Number of items in the catalogue.")
     min_history: int = Field(7, ge=1, description="Minimum history length (interactions before the final target).")
     max_history: int = Field(12, ge=1, description="Maximum history length (interactions before the final target).")
