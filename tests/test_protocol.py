@@ -1,7 +1,6 @@
 import pytest
 
-from mllm_msr.data.protocol import (EvalCase, ProtocolConfig, Splits, TrainExample, build_splits,
-                                    k_core, split_users)
+from mllm_msr.data.protocol import EvalCase, ProtocolConfig, Splits, TrainExample, build_splits, k_core, split_users
 from mllm_msr.data.schema import Dataset, Interaction, Item
 
 
@@ -47,7 +46,7 @@ def test_targets_histories_and_negatives(ds):
         assert not set(negs) & touched[c.user_id]
     assert len({c.labels.index(1) for c in sp.test}) > 1  # positive position is shuffled
     for c in sp.valid:
-        assert len(c.candidates) == 2 and sum(c.labels) == 1
+        assert len(c.candidates) == 21 and sum(c.labels) == 1  # validation uses the test protocol
         assert not {x for x, lab in zip(c.candidates, c.labels, strict=True) if lab == 0} & touched[c.user_id]
     pos = [e for e in sp.train if e.label == 1]
     neg = [e for e in sp.train if e.label == 0]
@@ -98,6 +97,32 @@ def test_leave_one_out(ds):
     for e in sp.train:
         if e.label == 1:
             assert e.item_id == seqs[e.user_id][-3]
+    assert sp.train_sequences == {u: tuple(seqs[u][:-2]) for u in users}
+
+
+def test_user_split_train_sequences_are_whole_training_sequences(ds):
+    sp = build_splits(ds, ProtocolConfig(max_history=2))
+    seqs = {u: tuple(i.item_id for i in s) for u, s in ds.sequences().items()}
+    assert sp.train_sequences == {u: seqs[u] for u in sp.train_users}  # not capped by max_history
+    assert max(map(len, sp.train_sequences.values())) > 3
+
+
+@pytest.mark.parametrize("file_order", [("z", "a"), ("a", "z")])
+def test_same_timestamp_ties_keep_file_order(file_order):
+    """Two interactions in the same second: the one later in the input is later in time, whatever
+    the item ids (RecBole's stable sort does the same)."""
+    items = {k: Item(k, k) for k in ("p", "q", "a", "z", "m")}
+    first, second = file_order
+    inter = [Interaction("u1", 1.0, "p"), Interaction("u1", 2.0, "q"),
+             Interaction("u1", 5.0, first), Interaction("u1", 5.0, second),
+             Interaction("u0", 3.0, "m"), Interaction("u0", 4.0, "p"), Interaction("u0", 4.0, "q")]
+    ds = Dataset("ties", items, inter)
+    sp = build_splits(ds, ProtocolConfig(split="leave_one_out", test_negatives=1))
+    case = next(c for c in sp.test if c.user_id == "u1")
+    assert case.target == second and case.history == ("p", "q", first)
+    assert next(c for c in sp.valid if c.user_id == "u1").target == first
+    assert next(c for c in sp.test if c.user_id == "u0").target == "q"
+    assert [i.item_id for i in ds.sequences()["u1"]] == ["p", "q", first, second]
 
 
 def test_cold_items_and_k_core():
