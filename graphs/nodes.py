@@ -64,6 +64,7 @@ def make_recommend(s: Services) -> Node:
     def recommend(state: RecState) -> dict:
         t0 = time.perf_counter()
         items = s.items(list(state.get("candidates", [])), f"user {state.get('user_id')} candidates")
+        s.check_users([state["user_id"]])
         text = s.preference_text(list(state.get("history", [])), state.get("user_summary"))
         ranked = s.recommender.rank(text, items)
         return {"ranking": [{"item_id": i, "title": s.catalog[i].title, "score": sc} for i, sc in ranked],

@@ -350,7 +350,7 @@ def web(port: int = typer.Option(8765, help="Port to serve on."),
     uvicorn.run(create_app(s, table, token=token), host=host, port=port, log_level="warning")
 
 
-from mllm_msr.evaluation.harness import register as _register_eval; _register_eval(app)
+# `msr eval` and `msr report`: mllm_msr/cli/eval.py (added by the lead after the cli package split)
 
 
 def main() -> None:  # pragma: no cover

@@ -45,8 +45,11 @@ NO_PREFERENCES = "No preferences known yet."
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 SHIPPED_ADAPTER = WEIGHTS / "rec_adapter"
 SHIPPED_TALLREC_ADAPTER = WEIGHTS / "tallrec_adapter"
-# adapter name → shipped folder (trained for the embedded default on the bundled benchmark)
-SHIPPED_ADAPTERS = {"rec": SHIPPED_ADAPTER, "tallrec": SHIPPED_TALLREC_ADAPTER}
+SHIPPED_RECENT_ADAPTER = WEIGHTS / "rec_recent_adapter"
+# adapter name → shipped folder (trained for the embedded default on the bundled benchmark):
+# "rec" = MLLM-MSR (the paper's input), "tallrec" = titles-only baseline, "rec_recent" = the
+# recent-items extension
+SHIPPED_ADAPTERS = {"rec": SHIPPED_ADAPTER, "tallrec": SHIPPED_TALLREC_ADAPTER, "rec_recent": SHIPPED_RECENT_ADAPTER}
 
 
 # ------------------------------------------------------------------------------ config, data
@@ -84,6 +87,55 @@ def adapter_folder(cfg: MSRConfig) -> str | None:
     """The folder of the adapter the recommender scores with (None: zero-shot)."""
     name = cfg.recommender.adapter
     return cfg.scorer.adapters.get(name) if name else None
+
+
+class LeakError(ValueError):
+    """Scoring would use a LoRA adapter on users it was trained on."""
+
+
+_warned_no_record: set[str] = set()
+
+
+def adapter_leak(cfg: MSRConfig, dataset: Dataset, user_ids: Sequence[str]) -> str | None:
+    """Why scoring ``user_ids`` with the config's adapter would leak (None: it would not).
+
+    The adapter's ``PROVENANCE.json`` records the dataset fingerprint and the ids of the users it
+    was trained on. On the same data (same fingerprint), scoring any of those users is a leak.
+    An adapter without such a record gets a warning (it cannot be checked)."""
+    folder = adapter_folder(cfg)
+    if folder is None:
+        return None
+    name = cfg.recommender.adapter
+    prov_file = Path(folder) / "PROVENANCE.json"
+    data: dict = {}
+    if prov_file.is_file():
+        try:
+            data = json.loads(prov_file.read_text(encoding="utf-8")).get("data") or {}
+        except (OSError, ValueError):
+            data = {}
+    trained = data.get("train_user_ids")
+    fp = (data.get("dataset_fingerprint") or {}).get("digest")
+    if trained is None or fp is None:
+        if folder not in _warned_no_record:
+            _warned_no_record.add(folder)
+            log.warning("adapter %r (%s) has no record of its training users in PROVENANCE.json: "
+                        "cannot check that the users it scores were not its training users", name, folder)
+        return None
+    if fp != dataset.fingerprint()["digest"]:
+        return None  # trained on other data: other users altogether
+    overlap = sorted(set(trained) & set(user_ids))
+    if not overlap:
+        return None
+    return (f"adapter {name!r} ({folder}) was trained on {len(overlap)} of the {len(set(user_ids))} users to "
+            f"score (e.g. {', '.join(overlap[:5])}) on this dataset ({fp}): their scores would leak training "
+            "data; score held-out users (the split's valid/test users) or another adapter")
+
+
+def check_no_leak(cfg: MSRConfig, dataset: Dataset, user_ids: Sequence[str]) -> None:
+    """Raise :class:`LeakError` when :func:`adapter_leak` finds an overlap."""
+    why = adapter_leak(cfg, dataset, user_ids)
+    if why:
+        raise LeakError(why)
 
 
 # ---------------------------------------------------------------------------------- backends
@@ -142,7 +194,7 @@ class Services:
     """Everything the nodes and batch stages need; built once by :func:`build_services`."""
 
     cfg: MSRConfig
-    catalog: dict[str, Item]
+    dataset: Dataset
     summarizer: ItemSummarizer
     memory: UserMemory
     recommender: Recommender
@@ -151,6 +203,7 @@ class Services:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.catalog: dict[str, Item] = self.dataset.items
         r = self.recommender
         titles = r.cfg.history == "titles"
         # what a cached score depends on: model, adapter CONTENT, prompts and the recipe's settings
@@ -158,6 +211,10 @@ class Services:
                                  r.p_image.version, r.p_text.version, r.cfg.use_images, r.cfg.recent_items,
                                  r.cfg.history, r.p_titles.version if titles else None,
                                  r.cfg.title_history if titles else None)
+
+    def check_users(self, user_ids: Sequence[str]) -> None:
+        """The leak guard every scoring path calls (batch runs, graph nodes, chat, web, eval)."""
+        check_no_leak(self.cfg, self.dataset, user_ids)
 
     @property
     def uses_summaries(self) -> bool:
@@ -202,7 +259,7 @@ def build_services(cfg: MSRConfig, dataset: Dataset, *, generator: ModelBackend 
     store = store or SummaryStore(cfg.store)
     return Services(
         cfg=cfg,
-        catalog=dataset.items,
+        dataset=dataset,
         summarizer=ItemSummarizer(generator, generator, store, cfg.items),
         memory=UserMemory(generator, store, cfg.memory),
         recommender=Recommender(scorer, cfg.recommender),
@@ -256,6 +313,7 @@ def score_cases(s: Services, cases: Sequence[EvalCase], *, resume_file: str | Pa
     the recommender read). With ``resume_file`` (JSONL), rows already there under the same key are
     reused and new rows are appended and fsynced as they are scored, so a killed run resumes."""
     timings = timings if timings is not None else {}
+    s.check_users([c.user_id for c in cases])
     summaries, latest = summarize_cases(s, cases, advance, timings)
     t2 = time.perf_counter()
     done = _read_done(Path(resume_file)) if resume_file else {}

@@ -140,3 +140,68 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], seed: int = 0,
             "p_le_zero": float((means <= 0).mean())}
 
 
+
+
+# ----------------------------------------------------------------- intervals over users
+# The unit of resampling is the user (one test case = one user's 1 positive + N negatives), so a
+# pooled metric such as AUC is recomputed on each resample of users, and a paired difference
+# resamples the same users for both rows.
+
+def _pooled_auc_from(labels: np.ndarray, scores: np.ndarray, idx: np.ndarray) -> float:
+    """Pooled AUC over the users ``idx`` (rows of equal-length [users, candidates] arrays)."""
+    from scipy.stats import rankdata
+
+    y, s = labels[idx].ravel(), scores[idx].ravel()
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = rankdata(s)
+    return float((r[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _stack(cases: Sequence, scores: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    data = _check(cases, scores)
+    lengths = {len(y) for y, _ in data}
+    if len(lengths) != 1:
+        raise ValueError(f"user bootstrap needs the same number of candidates per user, got {sorted(lengths)}")
+    return np.stack([y for y, _ in data]).astype(int), np.stack([s for _, s in data]).astype(float)
+
+
+USER_METRICS = ("auc", "hr@5", "mrr@5", "ndcg@5")
+
+
+def _stat(name: str, labels: np.ndarray, scores: np.ndarray, per: dict[str, np.ndarray], idx: np.ndarray) -> float:
+    return _pooled_auc_from(labels, scores, idx) if name == "auc" else float(per[name][idx].mean())
+
+
+def user_bootstrap(cases: Sequence, scores: Sequence[Sequence[float]], other: Sequence[Sequence[float]] | None = None,
+                   metrics: Sequence[str] = USER_METRICS, n_resamples: int = 2000, seed: int = 0) -> dict[str, dict]:
+    """Per metric: the value, and the percentile bootstrap 95% interval over users (resampled with
+    replacement, metric recomputed, pooled AUC included). With ``other`` (another row's scores on
+    the same cases): the paired difference ``scores - other`` and its interval, from the same
+    resampled users for both rows."""
+    labels, s = _stack(cases, scores)
+    per = {k: np.asarray(v, dtype=float) for k, v in per_case_metrics(cases, scores, (5,)).items()}
+    if other is not None:
+        _, o = _stack(cases, other)
+        per_o = {k: np.asarray(v, dtype=float) for k, v in per_case_metrics(cases, other, (5,)).items()}
+    rng = np.random.default_rng(seed)
+    n = labels.shape[0]
+    draws = rng.integers(0, n, size=(n_resamples, n))
+    everyone = np.arange(n)
+    out: dict[str, dict] = {}
+    for m in metrics:
+        value = _stat(m, labels, s, per, everyone)
+        boot = np.array([_stat(m, labels, s, per, d) for d in draws])
+        lo, hi = np.nanquantile(boot, [0.025, 0.975])
+        entry = {"value": value, "low": float(lo), "high": float(hi)}
+        if other is not None:
+            ov = _stat(m, labels, o, per_o, everyone)
+            diffs = boot - np.array([_stat(m, labels, o, per_o, d) for d in draws])
+            dlo, dhi = np.nanquantile(diffs, [0.025, 0.975])
+            entry["diff"] = {"value": value - ov, "low": float(dlo), "high": float(dhi),
+                             "p_le_zero": float(np.nanmean(diffs <= 0))}
+        out[m] = entry
+    out["users"] = {"value": float(n), "low": float(n), "high": float(n)}
+    return out

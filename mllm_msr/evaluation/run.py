@@ -1,0 +1,242 @@
+"""`msr eval`, the computing half: every row on the same test users and candidates, cached.
+
+All rows of one protocol seed see exactly the same split and test candidates (``build_splits``).
+Baseline rows pick their settings on the validation users with the test protocol (a small recorded
+grid, :func:`mllm_msr.evaluation.baselines.tune`); LLM rows are config variants of the one
+pipeline (:func:`mllm_msr.pipeline.score_cases`, which returns per-user rows). Every row also
+records its validation metrics (the first ``valid_users`` validation users, test protocol).
+
+Each row's result per seed is cached as ``<out>/eval/<row>/<seed>.json`` with a key of everything
+it depends on (dataset fingerprint, protocol, config, adapter weights hash): adding a row or a seed
+recomputes nothing else, and a retrained adapter recomputes its rows. Rows whose adapter was
+trained on users they would score are refused by the pipeline's leak guard and reported.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mllm_msr.config import MSRConfig, load_config
+from mllm_msr.data.protocol import EvalCase, ProtocolConfig, Splits, build_splits
+from mllm_msr.data.schema import Dataset
+from mllm_msr.evaluation.baselines import BASELINES, BaselineConfig, BaselineGrid, tune
+from mllm_msr.evaluation.metrics import evaluate
+from mllm_msr.evaluation.rows import ROWS, Row
+from mllm_msr.paths import adapter_sha256
+from mllm_msr.pipeline import (Services, adapter_leak, build_services, finalize_config, make_backends,
+                               score_cases)
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 2
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def case_rows(cases: Sequence[EvalCase], scores: Sequence[Sequence[float]], cold: frozenset[str]) -> list[dict]:
+    """The per-user records every report is computed from (the target's cold flag included)."""
+    return [{"user_id": c.user_id, "candidates": list(c.candidates), "labels": list(c.labels),
+             "scores": [float(x) for x in s], "cold": c.target in cold} for c, s in zip(cases, scores)]
+
+
+@dataclass
+class EvalContext:
+    dataset: Dataset
+    protocol: ProtocolConfig
+    out_dir: Path
+    baseline_cfg: BaselineConfig
+    msr_cfg: MSRConfig | None = None  # needed only by LLM rows
+    users: int | None = None  # cap on test users (smoke runs); None = every test user
+    valid_users: int = 100  # validation users scored per row (test protocol); 0 = none
+    grid: BaselineGrid | None = None  # None: the default grid; tune=False: no grid at all
+    tune: bool = True
+    services_factory: Callable[[MSRConfig, Dataset], Services] | None = None
+    show_progress: bool = False
+
+
+class _SplitCache:
+    def __init__(self, ctx: EvalContext):
+        self.ctx, self._splits = ctx, {}
+
+    def __call__(self, seed: int) -> Splits:
+        if seed not in self._splits:
+            self._splits[seed] = build_splits(self.ctx.dataset, self.ctx.protocol.model_copy(update={"seed": seed}))
+        return self._splits[seed]
+
+
+def row_config(ctx: EvalContext, row: Row, seed: int) -> MSRConfig:
+    """The LLM row's config as it will really run (adapters resolved: the key carries their hash)."""
+    assert ctx.msr_cfg is not None
+    base = ctx.msr_cfg.model_copy(update={"protocol": ctx.protocol.model_copy(update={"seed": seed})})
+    return finalize_config(load_config(None, list(row.overrides), base=base))
+
+
+def row_key(ctx: EvalContext, row: Row, seed: int, llm_cfg: MSRConfig | None = None) -> str:
+    common = [CACHE_VERSION, ctx.dataset.fingerprint(), ctx.protocol.model_copy(update={"seed": seed}).model_dump(),
+              row.key, ctx.users, ctx.valid_users]
+    if row.kind == "baseline":
+        return _hash(*common, ctx.baseline_cfg.model_dump(), ctx.tune and (ctx.grid or BaselineGrid()).model_dump())
+    assert llm_cfg is not None
+    cfg = llm_cfg.model_dump(exclude={"run_dir", "seed", "max_test_users"})
+    weights = {name: adapter_sha256(folder) for name, folder in sorted(llm_cfg.scorer.adapters.items())}
+    return _hash(*common, cfg, weights)
+
+
+def skip_reason(ctx: EvalContext, row: Row, seed: int, splits: Splits) -> str | None:
+    """Why a row cannot be scored here (None: it can)."""
+    if row.key == "sasrec_image" and not any(it.image_path for it in ctx.dataset.items.values()):
+        return "dataset has no cover images (text only): SASRec+image would equal SASRec"
+    if row.kind != "llm":
+        return None
+    if ctx.msr_cfg is None:
+        return "no MSRConfig given (LLM rows need the pipeline's settings)"
+    cfg = row_config(ctx, row, seed)
+    wanted = _wanted_adapter(row, ctx.msr_cfg)
+    if wanted and ctx.services_factory is None and cfg.recommender.adapter is None:
+        return (f"no LoRA adapter {wanted!r} for this row: train it with `msr finetune sft benchmark` "
+                f"(see README, Fine-tuning) and set scorer.adapters.{wanted}=PATH")
+    users = [c.user_id for c in _test_cases(ctx, splits)] + [c.user_id for c in _valid_cases(ctx, splits)]
+    return adapter_leak(cfg, ctx.dataset, users)
+
+
+def _wanted_adapter(row: Row, base: MSRConfig) -> str | None:
+    for ov in row.overrides:
+        k, _, v = ov.partition("=")
+        if k == "recommender.adapter":
+            return None if v in ("null", "None", "") else v
+    return base.recommender.adapter
+
+
+def _test_cases(ctx: EvalContext, splits: Splits) -> list[EvalCase]:
+    return list(splits.test[: ctx.users or None])
+
+
+def _valid_cases(ctx: EvalContext, splits: Splits) -> list[EvalCase]:
+    return list(splits.valid[: ctx.valid_users]) if ctx.valid_users else []
+
+
+def _metrics(cases: Sequence[EvalCase], scores: Sequence[Sequence[float]]) -> dict[str, float]:
+    return evaluate(cases, scores) if cases else {}
+
+
+def _run_baseline(ctx: EvalContext, row: Row, seed: int, splits: Splits) -> dict:
+    assert row.baseline is not None
+    base = ctx.baseline_cfg.model_copy(update={"seed": ctx.baseline_cfg.seed + seed})
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {}
+    if ctx.tune and splits.valid:
+        tuned = tune(row.baseline, splits, ctx.dataset, base, ctx.grid)
+        model = tuned.fitted
+        info["grid"] = json.loads(tuned.model_dump_json())
+        info["config"] = tuned.chosen.model_dump()
+    else:
+        model = BASELINES[row.baseline](base).fit(splits, ctx.dataset)
+        info["config"] = base.model_dump()
+    info["fit_s"] = round(time.perf_counter() - t0, 2)
+    test, valid = _test_cases(ctx, splits), _valid_cases(ctx, splits)
+    scores = model.score_many(test)
+    return {"metrics": _metrics(test, scores), "cases": case_rows(test, scores, splits.cold_items),
+            "valid_metrics": _metrics(valid, model.score_many(valid)) if valid else None, "info": info}
+
+
+class _LLMRunner:
+    """Builds backends and the summary store once and reuses them for every LLM row and seed."""
+
+    def __init__(self, ctx: EvalContext):
+        self.ctx, self._shared = ctx, None
+
+    def services(self, cfg: MSRConfig) -> Services:
+        if self.ctx.services_factory is not None:
+            return self.ctx.services_factory(cfg, self.ctx.dataset)
+        if self._shared is None:
+            from mllm_msr.stores.summaries import SummaryStore
+
+            assert self.ctx.msr_cfg is not None
+            full = finalize_config(self.ctx.msr_cfg)
+            # every adapter any row may ask for, so one scorer serves all rows
+            adapters = {**full.scorer.adapters, **cfg.scorer.adapters}
+            gen, sc = make_backends(full.model_copy(update={"scorer": full.scorer.model_copy(update={"adapters": adapters})}))
+            self._shared = (gen, sc, SummaryStore(full.store))
+        gen, sc, store = self._shared
+        return build_services(cfg, self.ctx.dataset, generator=gen, scorer=sc, store=store)
+
+    def run(self, row: Row, seed: int, splits: Splits, cfg: MSRConfig) -> dict:
+        s = self.services(cfg)
+        test, valid = _test_cases(self.ctx, splits), _valid_cases(self.ctx, splits)
+        timings: dict[str, float] = {}
+        calls0 = (s.summarizer.model_calls, s.memory.model_calls, s.recommender.model_calls)
+        rows = score_cases(s, test, timings=timings)
+        vrows = score_cases(s, valid) if valid else []
+        info = {"adapter": s.cfg.recommender.adapter, "timings_s": {k: round(v, 2) for k, v in timings.items()},
+                "model_calls": {"item_summaries": s.summarizer.model_calls - calls0[0],
+                                "user_summaries": s.memory.model_calls - calls0[1],
+                                "scored_pairs": s.recommender.model_calls - calls0[2]},
+                "overrides": list(row.overrides)}
+        scores = [r["scores"] for r in rows]
+        cases = case_rows(test, scores, splits.cold_items)
+        for c, r in zip(cases, rows):
+            c["summary"] = r["summary"]  # the preference text the recommender read (fidelity diagnostic)
+        return {"metrics": _metrics(test, scores), "cases": cases,
+                "valid_metrics": _metrics(valid, [r["scores"] for r in vrows]) if valid else None, "info": info}
+
+
+def run_eval(ctx: EvalContext, rows: Sequence[str], seeds: Sequence[int] = (0,)) -> dict[str, dict]:
+    """Compute (or load from cache) every row × seed; returns ``{row: entry}`` with per-seed results
+    (``metrics``, ``valid_metrics``, ``cases``, ``info``) and a status/reason for rows not run."""
+    eval_dir = ctx.out_dir / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    splits_of = _SplitCache(ctx)
+    llm = _LLMRunner(ctx)
+    results: dict[str, dict] = {}
+    for key in rows:
+        row = ROWS[key]
+        entry: dict[str, Any] = {"key": key, "label": row.label, "kind": row.kind, "sees": row.sees,
+                                 "status": "ok", "reason": None, "per_seed": {}, "block_size": row.block_size}
+        results[key] = entry
+        for seed in seeds:
+            splits = splits_of(seed)
+            reason = skip_reason(ctx, row, seed, splits)
+            if reason:
+                entry.update(status="not run", reason=reason)
+                log.warning("row %s (seed %s) not run: %s", key, seed, reason)
+                break
+            llm_cfg = row_config(ctx, row, seed) if row.kind == "llm" else None
+            rkey = row_key(ctx, row, seed, llm_cfg)
+            path = eval_dir / key / f"{seed}.json"
+            cached = None
+            if path.is_file():
+                try:
+                    cached = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    cached = None
+            if cached is not None and cached.get("cache_key") == rkey:
+                entry["per_seed"][seed] = cached
+                continue
+            t0 = time.perf_counter()
+            try:
+                res = (_run_baseline(ctx, row, seed, splits) if row.kind == "baseline"
+                       else llm.run(row, seed, splits, llm_cfg))  # type: ignore[arg-type]
+            except Exception as e:  # one failing row must not lose the others
+                log.exception("row %s seed %s failed", key, seed)
+                entry.update(status="failed", reason=f"{type(e).__name__}: {e}")
+                break
+            res.update({"row": key, "label": row.label, "seed": seed, "cache_key": rkey,
+                        "n_cases": len(res["cases"]), "wall_s": round(time.perf_counter() - t0, 2),
+                        "split": splits.summary(),
+                        "config": json.loads(llm_cfg.model_dump_json()) if llm_cfg is not None else None,
+                        "adapter_sha256": (adapter_sha256(llm_cfg.scorer.adapters.get(llm_cfg.recommender.adapter))
+                                           if llm_cfg is not None and llm_cfg.recommender.adapter else None)})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(res), encoding="utf-8")
+            tmp.replace(path)
+            entry["per_seed"][seed] = res
+    return results

@@ -1,0 +1,72 @@
+"""One evaluation end to end: rows → per-user records → intervals, paired differences, the
+memory-fidelity diagnostic → ``results.json``, ``table.md`` and plots (what ``msr eval`` runs)."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mllm_msr.config import MSRConfig
+from mllm_msr.data.schema import Dataset
+from mllm_msr.evaluation.baselines import BaselineConfig
+from mllm_msr.evaluation.report import build_results, plots, write_results
+from mllm_msr.evaluation.rows import REFERENCE_ROW
+from mllm_msr.evaluation.run import EvalContext, run_eval
+
+log = logging.getLogger(__name__)
+
+
+class SmokeRunError(ValueError):
+    """A capped (smoke) evaluation asked to write into committed results."""
+
+
+def fidelity_for(ctx: EvalContext, results: dict[str, dict], seed: int) -> dict | None:
+    """The chain's fidelity on the MLLM-MSR row's test users (bundled benchmark only)."""
+    entry = results.get(REFERENCE_ROW)
+    if ctx.msr_cfg is None or ctx.msr_cfg.dataset != "synth" or not entry or seed not in entry["per_seed"]:
+        return None
+    from mllm_msr.data.synth import default_benchmark_dir
+    from mllm_msr.evaluation.fidelity import chain_fidelity
+    from mllm_msr.evaluation.run import _LLMRunner, row_config
+    from mllm_msr.evaluation.rows import ROWS
+
+    cases = entry["per_seed"][seed]["cases"]
+    s = _LLMRunner(ctx).services(row_config(ctx, ROWS[REFERENCE_ROW], seed))
+    ids = sorted({i for c in cases for i in c["candidates"]})
+    sums = s.summarizer.summarize(s.items(ids, "fidelity"))  # cached by the row's run: no model calls
+    users = {c["user_id"]: c["summary"] for c in cases if "summary" in c}  # the paper row reads the summary only
+    return chain_fidelity(default_benchmark_dir(ctx.msr_cfg.synth),
+                          {i: v.image_description for i, v in sums.items()},
+                          {i: v.summary for i, v in sums.items()}, users)
+
+
+def run_suite(cfg: MSRConfig, dataset: Dataset, rows: Sequence[str], out_dir: Path, *,
+              results_dir: Path | None = None, users: int | None = None, valid_users: int = 100,
+              seed: int | None = None, baseline_cfg: BaselineConfig | None = None, tune: bool = True,
+              command: str = "", show_progress: bool = False, n_resamples: int = 2000) -> dict[str, Any]:
+    """Run ``rows`` on one protocol seed and write ``out_dir/eval/{results.json,table.md,eval_*.png}``;
+    with ``results_dir`` (committed results) also there — refused for capped (smoke) runs."""
+    if results_dir is not None and users is not None:
+        raise SmokeRunError(f"--users {users} caps the test set: a smoke run never writes committed results "
+                            f"({results_dir}); drop --users or --results")
+    seed = cfg.protocol.seed if seed is None else seed
+    ctx = EvalContext(dataset=dataset, protocol=cfg.protocol, out_dir=out_dir,
+                      baseline_cfg=baseline_cfg or BaselineConfig(), msr_cfg=cfg, users=users,
+                      valid_users=valid_users, tune=tune, show_progress=show_progress)
+    results = run_eval(ctx, rows, [seed])
+    any_row = next((e["per_seed"][seed] for e in results.values() if seed in e["per_seed"]), None)
+    meta = {"dataset": dataset.fingerprint(), "protocol": cfg.protocol.model_dump(), "command": command,
+            "test_users": any_row["n_cases"] if any_row else 0,
+            "candidates": len(any_row["cases"][0]["candidates"]) if any_row and any_row["cases"] else 0,
+            "negatives": cfg.protocol.test_negatives, "valid_users": valid_users,
+            "baseline_config": ctx.baseline_cfg.model_dump(), "tuned_on_validation": tune}
+    payload = build_results(results, seed, meta, n_resamples=n_resamples)
+    try:
+        payload["fidelity"] = fidelity_for(ctx, results, seed)
+    except Exception as e:  # a diagnostic must not lose the evaluation
+        log.warning("memory-fidelity diagnostic failed: %s", e)
+    for folder in [out_dir / "eval", *([results_dir] if results_dir is not None else [])]:
+        write_results(payload, folder)
+        plots(payload, folder)
+    return payload

@@ -1,0 +1,206 @@
+"""`msr eval`: rows, caching, paired intervals, warm/cold, result files, README tables, leak guard,
+memory fidelity."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mllm_msr.config import load_config
+from mllm_msr.data.protocol import ProtocolConfig, build_splits
+from mllm_msr.evaluation import baselines
+from mllm_msr.evaluation.baselines import BaselineConfig
+from mllm_msr.evaluation.fidelity import current_likes, item_fidelity, names, user_fidelity
+from mllm_msr.evaluation.metrics import evaluate, user_bootstrap
+from mllm_msr.evaluation.report import build_results, render_tables, update_readme
+from mllm_msr.evaluation.rows import ROWS, parse_rows
+from mllm_msr.evaluation.run import EvalContext, run_eval
+from mllm_msr.evaluation.suite import SmokeRunError, run_suite
+from mllm_msr.models.base import ModelBackend
+from mllm_msr.pipeline import LeakError, adapter_leak, build_services
+
+torch.set_num_threads(1)
+FAST = BaselineConfig(epochs=2, dim=8, batch_size=16, patience=0)
+BASE = ["popularity", "gru4rec", "sasrec", "sasrec_image"]
+
+
+@pytest.fixture(scope="module")
+def ds(synth_dataset):
+    return synth_dataset
+
+
+class LenScorer(ModelBackend):
+    """Deterministic fake scorer: p(yes) from the prompt's length (prompt-dependent, no model)."""
+
+    model_id = "len-scorer"
+
+    def generate(self, requests, **kw):  # pragma: no cover - never asked to generate
+        raise NotImplementedError
+
+    def score_yes_no(self, requests):
+        return [(len(str(r.messages)) % 97) / 97 for r in requests]
+
+
+def _fake_chat():
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    from mllm_msr.models.factory import LangChainChatBackend
+
+    chat = LangChainChatBackend(GenericFakeChatModel(messages=itertools.cycle([AIMessage("A red mystery.")])))
+    chat.model_id = "fake-chat"
+    return chat
+
+
+def test_rows_name_what_they_see_and_only_the_paper_row_is_called_mllm_msr():
+    assert parse_rows("baselines,mllm_msr") == [*BASE, "mllm_msr"]
+    assert parse_rows("blocks") == ["block_1", "block_2", "block_3", "block_4", "block_6"]
+    assert all(r.sees for r in ROWS.values())
+    paper = ROWS["mllm_msr"]
+    assert paper.overrides == () and "recent" not in paper.sees  # the paper's input, nothing else
+    assert load_config(None, list(paper.overrides)).recommender.recent_items == 0
+    ext = ROWS["mllm_msr_recent"]
+    assert ext.label != "MLLM-MSR" and "recommender.recent_items=3" in ext.overrides
+    with pytest.raises(ValueError, match="unknown row"):
+        parse_rows("nope")
+
+
+def test_user_bootstrap_pairs_the_same_users():
+    class C:
+        def __init__(self, labels):
+            self.labels, self.candidates, self.user_id = labels, tuple(range(len(labels))), "u"
+
+    rng = np.random.default_rng(0)
+    cases = [C([1] + [0] * 20) for _ in range(200)]
+    good = [list(rng.normal(size=21) + np.r_[1.0, np.zeros(20)]) for _ in cases]
+    noise = [list(rng.normal(size=21)) for _ in cases]
+    r = user_bootstrap(cases, good, noise, n_resamples=300)
+    assert r["auc"]["value"] == pytest.approx(evaluate(cases, good)["auc"])
+    assert r["auc"]["low"] < r["auc"]["value"] < r["auc"]["high"]
+    assert r["auc"]["diff"]["low"] > 0  # a real gain is detected
+    same = user_bootstrap(cases, good, good, n_resamples=300)["auc"]["diff"]
+    assert same["value"] == 0 and same["low"] == 0 and same["high"] == 0  # paired: identical rows differ by 0
+
+
+def test_baseline_rows_cached_tuned_on_validation_with_valid_metrics(ds, tmp_path, monkeypatch):
+    calls = []
+    for name, cls in baselines.BASELINES.items():
+        orig = cls.fit
+
+        def counted(self, *a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(cls, "fit", counted)
+    grid = baselines.BaselineGrid(dim=[8], lr=[3e-3], dropout=[0.2, 0.5], epochs=[2])
+    ctx = EvalContext(dataset=ds, protocol=ProtocolConfig(), out_dir=tmp_path, baseline_cfg=FAST, grid=grid,
+                      valid_users=3)
+    res = run_eval(ctx, ["popularity", "sasrec"])
+    assert calls == ["popularity", "sasrec", "sasrec"]  # popularity: no grid; sasrec: 2 grid points
+    r = res["sasrec"]["per_seed"][0]
+    assert len(r["info"]["grid"]["points"]) == 2 and r["valid_metrics"]["n_cases"] == 3
+    splits = build_splits(ds, ProtocolConfig())
+    assert [c["user_id"] for c in r["cases"]] == [c.user_id for c in splits.test]
+    assert [c["cold"] for c in r["cases"]] == [c.target in splits.cold_items for c in splits.test]
+    calls.clear()
+    run_eval(ctx, ["popularity", "sasrec"])
+    assert calls == []  # cached
+
+
+def _fake_adapters(tmp_path, names=("rec", "rec_recent", "tallrec")) -> str:
+    out = {}
+    for n in names:
+        (tmp_path / n).mkdir()
+        (tmp_path / n / "adapter_model.safetensors").write_bytes(n.encode())
+        (tmp_path / n / "adapter_config.json").write_text("{}")
+        out[n] = str(tmp_path / n)
+    return "scorer.adapters=" + json.dumps(out)
+
+
+def test_llm_rows_through_the_pipeline_and_result_files(ds, tmp_path):
+    cfg = load_config(None, [f"store.path={tmp_path / 'chroma'}", f"run_dir={tmp_path / 'run'}",
+                             _fake_adapters(tmp_path)])
+    from mllm_msr.stores.summaries import SummaryStore
+
+    store, chat, seen = SummaryStore(cfg.store), _fake_chat(), []
+
+    def factory(c, dataset):
+        seen.append((c.recommender.adapter, c.memory.mode, c.memory.block_size, c.recommender.recent_items))
+        return build_services(c, dataset, generator=chat, scorer=LenScorer(), store=store)
+
+    ctx = EvalContext(dataset=ds, protocol=ProtocolConfig(), out_dir=tmp_path / "run", baseline_cfg=FAST,
+                      msr_cfg=cfg, users=3, valid_users=2, tune=False, services_factory=factory)
+    rows = ["popularity", "zero_shot", "mllm_msr", "mllm_msr_recent", "no_recurrence", "block_2"]
+    res = run_eval(ctx, rows)
+    assert all(res[k]["status"] == "ok" for k in rows), {k: res[k]["reason"] for k in rows}
+    assert set(seen) >= {(None, "recurrent", 3, 0), ("rec", "recurrent", 3, 0), ("rec_recent", "recurrent", 3, 3),
+                         ("rec", "direct", 3, 0), ("rec", "recurrent", 2, 0)}
+    users = [[c["user_id"] for c in res[k]["per_seed"][0]["cases"]] for k in rows]
+    assert all(u == users[0] for u in users) and len(users[0]) == 3  # same users for every row
+    payload = build_results(res, 0, {"dataset": ds.fingerprint(), "test_users": 3, "candidates": 21,
+                                     "negatives": 20, "valid_users": 2}, n_resamples=100)
+    ref = payload["rows"]["mllm_msr"]["test"]["all"]["auc"]
+    assert "diff" not in ref  # the reference row has no difference to itself
+    zs = payload["rows"]["zero_shot"]["test"]["all"]["auc"]
+    assert zs["diff"]["value"] == pytest.approx(zs["value"] - ref["value"])
+    table = render_tables(payload)
+    assert "| MLLM-MSR + recent items (extension) |" in table and "what the model sees" in table
+    seen.clear()
+    run_eval(ctx, rows)
+    assert seen == []  # every LLM row cached
+
+
+def test_smoke_runs_never_write_committed_results(ds, tmp_path):
+    cfg = load_config(None, [f"store.path={tmp_path / 'chroma'}"])
+    with pytest.raises(SmokeRunError):
+        run_suite(cfg, ds, ["popularity"], tmp_path, results_dir=tmp_path / "results", users=2)
+    assert not (tmp_path / "results").exists()
+
+
+def test_readme_blocks_are_regenerated_and_checked(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:eval.x -->\nold\n<!-- /results -->\nend\n")
+    assert update_readme(readme, {"eval.x": "| new |"}, check=True) == ["eval.x"]
+    assert "old" in readme.read_text()  # check mode writes nothing
+    assert update_readme(readme, {"eval.x": "| new |"}) == ["eval.x"]
+    assert readme.read_text() == "intro\n<!-- results:eval.x -->\n| new |\n<!-- /results -->\nend\n"
+    assert update_readme(readme, {"eval.x": "| new |"}, check=True) == []
+
+
+def test_leak_guard_refuses_training_users_and_names_the_adapter(ds, tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"w")
+    (folder / "adapter_config.json").write_text("{}")
+    splits = build_splits(ds, ProtocolConfig())
+    trained = list(splits.train_users[:5])
+    (folder / "PROVENANCE.json").write_text(json.dumps(
+        {"data": {"train_user_ids": trained, "dataset_fingerprint": ds.fingerprint()}}))
+    cfg = load_config(None, [f"store.path={tmp_path / 'chroma'}", f"scorer.adapters={{rec: {folder}}}"])
+    why = adapter_leak(cfg, ds, [trained[0], splits.test[0].user_id])
+    assert why and "'rec'" in why and trained[0] in why
+    assert adapter_leak(cfg, ds, [c.user_id for c in splits.test]) is None
+    s = build_services(cfg, ds, generator=_fake_chat(), scorer=LenScorer())
+    with pytest.raises(LeakError):
+        s.check_users([trained[1]])
+    from mllm_msr.pipeline import score_cases
+
+    leaky = [c for c in splits.train if c.user_id == trained[0]][:1]
+    with pytest.raises(LeakError):
+        score_cases(s, leaky)
+    zero = cfg.model_copy(update={"recommender": cfg.recommender.model_copy(update={"adapter": None})})
+    assert adapter_leak(zero, ds, trained) is None  # no adapter, nothing learned from anyone
+
+
+def test_fidelity_names_current_values_only():
+    assert names("a striped GREEN ring", "green") and not names("greenish", "green")
+    gt_user = {"length": 9, "timeline": [{"colour": "blue", "genre": "drama", "pattern": "dotted", "start": 0},
+                                         {"colour": "red", "genre": "drama", "pattern": "dotted", "start": 5}]}
+    assert current_likes(gt_user)["colour"] == "red"
+    f = user_fidelity({"u": "likes blue and drama", "v": "likes red, dotted"}, {"u": gt_user, "v": gt_user})
+    assert f["n"] == 2 and f["colour"] == 0.5 and f["genre"] == 0.5 and f["pattern"] == 0.5
+    items = {"i": {"colour": "red", "pattern": "solid", "shape": "star", "genre": "drama"}}
+    assert item_fidelity({"i": "A red star, drama."}, items) == {"n": 1, "colour": 1.0, "pattern": 0.0,
+                                                                 "shape": 1.0, "genre": 1.0}
