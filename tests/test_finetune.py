@@ -12,7 +12,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mllm_msr.data.schema import Item  # noqa: E402
-from mllm_msr.finetune import sft  # noqa: E402
+from mllm_msr.finetune import encoding, examples, trainer  # noqa: E402
+from mllm_msr.finetune.config import SFTConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -54,30 +55,30 @@ def colour_task(n: int, seed: int, cover: Path | None = None) -> list[tuple[str,
     return out
 
 
-def fast_cfg(out: Path, **kw) -> sft.SFTConfig:
+def fast_cfg(out: Path, **kw) -> SFTConfig:
     base = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.0, batch_size=8,
                 max_steps=120, warmup_ratio=0.05, logging_steps=10, save_steps=1000,
                 output_dir=str(out), save_dtype="float32", threads=1, bf16=False)
     base.update(kw)
-    return sft.SFTConfig(**base)
+    return SFTConfig(**base)
 
 
 def test_config_documents_every_key():
-    for name, f in sft.SFTConfig.model_fields.items():
+    for name, f in SFTConfig.model_fields.items():
         assert f.description, name
-    assert sft.SFTConfig().lora_r <= 16
+    assert SFTConfig().lora_r <= 16
 
 
 def test_labels_cover_only_answer_and_end_token(backend, cover):
     from mllm_msr.models.base import ChatRequest
 
-    enc = sft.SFTEncoder(backend)
-    exs = sft.build_sft_examples([
+    enc = encoding.SFTEncoder(backend)
+    exs = examples.build_sft_examples([
         ("likes red", Item("a", "A red film"), "yes"),
         ("likes blue", Item("b", "A blue film", image_path=cover), 0),
     ])
     tok = backend.tokenizer
-    for ex, row in zip(exs, enc.encode_all(exs)):
+    for ex, row in zip(exs, enc.encode_all(exs), strict=True):
         ids, labels = row["input_ids"], row["labels"]
         kept = (labels != -100).nonzero().flatten().tolist()
         n = ids.shape[0]
@@ -93,7 +94,7 @@ def test_labels_cover_only_answer_and_end_token(backend, cover):
         if ex.item.image_path is not None:
             assert row["pixel_values"].shape[0] == 1
             assert isinstance(req, ChatRequest) and req.image_paths()
-    batch = sft.SFTCollator(tok.pad_token_id)(enc.encode_all(exs))
+    batch = encoding.SFTCollator(tok.pad_token_id)(enc.encode_all(exs))
     assert batch["pixel_values"].shape[0] == 2 and float(batch["pixel_values"][0].abs().sum()) == 0.0
     assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()  # right padding
     assert (batch["labels"][0][batch["attention_mask"][0] == 0] == -100).all()
@@ -104,13 +105,15 @@ def test_examples_from_store_positive_next_item_and_untouched_negative():
 
     class FakeStore:
         def user_history(self, u):
-            mk = lambda step, cov: UserSummaryVersion(u, step, f"k{step}", f"sum {step}", cov, 0.0, "v", "m")
+            def mk(step, cov):
+                return UserSummaryVersion(u, step, f"k{step}", f"sum {step}", cov, 0.0, "v", "m")
+
             return [mk(0, ("i0", "i1", "i2")), mk(1, ("i0", "i1", "i2", "i3", "i4", "i5")),
                     mk(2, ("i0", "i1", "i2", "i3", "i4", "i5", "i6"))]
 
     catalog = {f"i{k}": Item(f"i{k}", f"t{k}") for k in range(30)}
     seq = [f"i{k}" for k in range(7)]
-    exs = sft.examples_from_store(FakeStore(), {"u": seq}, ["u"], catalog, seed=0, positions="block_ends")
+    exs = examples.examples_from_store(FakeStore(), {"u": seq}, ["u"], catalog, seed=0, positions="block_ends")
     assert [(e.user_summary, e.item.item_id, e.label) for e in exs if e.label == "yes"] == [
         ("sum 0", "i3", "yes"), ("sum 1", "i6", "yes")]  # the version covering everything has no next
     negs = [e for e in exs if e.label == "no"]
@@ -118,14 +121,18 @@ def test_examples_from_store_positive_next_item_and_untouched_negative():
     # every position: each next item with the latest summary that ends at or before it, and the
     # context function sees exactly the history before that position
     seen = []
-    ctx = lambda summary, before: seen.append(tuple(before)) or f"{summary} | {len(before)}"
-    allpos = sft.examples_from_store(FakeStore(), {"u": seq}, ["u"], catalog, seed=0, context=ctx)
+
+    def ctx(summary, before):
+        seen.append(tuple(before))
+        return f"{summary} | {len(before)}"
+
+    allpos = examples.examples_from_store(FakeStore(), {"u": seq}, ["u"], catalog, seed=0, context=ctx)
     assert [(e.user_summary, e.item.item_id) for e in allpos if e.label == "yes"] == [
         ("sum 0 | 3", "i3"), ("sum 0 | 4", "i4"), ("sum 0 | 5", "i5"), ("sum 1 | 6", "i6")]
     assert seen == [tuple(seq[:e]) for e in (3, 4, 5, 6)]
     assert sum(e.label == "no" for e in allpos) == 4
     assert all(e.item.item_id not in seq for e in allpos if e.label == "no")
-    assert allpos == sft.examples_from_store(FakeStore(), {"u": seq}, ["u"], catalog, seed=0, context=ctx)
+    assert allpos == examples.examples_from_store(FakeStore(), {"u": seq}, ["u"], catalog, seed=0, context=ctx)
 
 
 def test_titles_examples_and_prompt_show_history_titles_only():
@@ -135,7 +142,7 @@ def test_titles_examples_and_prompt_show_history_titles_only():
     catalog = {f"i{k}": Item(f"i{k}", f"title {k}", text="long text", image_path=None) for k in range(30)}
     seq = [f"i{k}" for k in range(6)]
     rec = Recommender(None, RecommenderConfig(history="titles", title_history=2, use_images=False))
-    exs = sft.examples_from_sequences({"u": seq}, ["u"], catalog,
+    exs = examples.examples_from_sequences({"u": seq}, ["u"], catalog,
                                       lambda ids: rec.titles_context([catalog[i].title for i in ids]), seed=0)
     yes = [(e.user_summary, e.item.item_id) for e in exs if e.label == "yes"]
     assert yes == [("title 1 | title 2", "i3"), ("title 2 | title 3", "i4"), ("title 3 | title 4", "i5")]
@@ -149,7 +156,7 @@ def test_titles_examples_and_prompt_show_history_titles_only():
 def trained(tiny_dir, cover, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft") / "adapter"
     cfg = fast_cfg(out)
-    metrics = sft.train_sft(cfg, colour_task(256, 0, cover), tiny_dir, colour_task(64, 1, cover),
+    metrics = trainer.train_sft(cfg, colour_task(256, 0, cover), tiny_dir, colour_task(64, 1, cover),
                             show_progress=False)
     return out, metrics
 
@@ -182,18 +189,18 @@ def test_adapter_round_trip_and_merge(tiny_dir, cover, tmp_path):
 
     be = TransformersBackend(tiny_dir)
     cfg = fast_cfg(tmp_path / "a")
-    lc = sft.lora_config(cfg)
+    lc = trainer.lora_config(cfg)
     lc.init_lora_weights = False  # random A and B: a non-trivial adapter
     torch.manual_seed(0)
     model = get_peft_model(be.model, lc)
-    exs = sft.build_sft_examples(colour_task(12, 3, cover))
-    enc = sft.SFTEncoder(be)
-    mem = sft.score_rows(model, enc.encode_all(exs), be.yes_token_id, be.no_token_id,
+    exs = examples.build_sft_examples(colour_task(12, 3, cover))
+    enc = encoding.SFTEncoder(be)
+    mem = trainer.score_rows(model, enc.encode_all(exs), be.yes_token_id, be.no_token_id,
                          be.tokenizer.pad_token_id, batch_size=5)
     with model.disable_adapter():
-        base = sft.score_rows(model, enc.encode_all(exs), be.yes_token_id, be.no_token_id,
+        base = trainer.score_rows(model, enc.encode_all(exs), be.yes_token_id, be.no_token_id,
                               be.tokenizer.pad_token_id)
-    assert max(abs(a - b) for a, b in zip(mem, base)) > 1e-3  # the adapter changes scores
+    assert max(abs(a - b) for a, b in zip(mem, base, strict=True)) > 1e-3  # the adapter changes scores
     adir = tmp_path / "adapter"
     model.save_pretrained(str(adir))
     del model, be
@@ -205,13 +212,13 @@ def test_adapter_round_trip_and_merge(tiny_dir, cover, tmp_path):
     zero = loaded.score_yes_no([rec.request(e.user_summary, e.item, None) for e in exs])
     assert zero == pytest.approx(base, abs=1e-5)
 
-    merged = sft.merge_and_export(tiny_dir, adir, tmp_path / "merged")
+    merged = trainer.merge_and_export(tiny_dir, adir, tmp_path / "merged")
     mb = TransformersBackend(merged)
     got_m = mb.score_yes_no([rec.request(e.user_summary, e.item, None) for e in exs])
     assert got_m == pytest.approx(mem, abs=1e-4)
 
     # fp16 adapter files (the shipped format) score within rounding
-    sft._convert_adapter_dtype(adir, "float16")
+    trainer._convert_adapter_dtype(adir, "float16")
     half = TransformersBackend(tiny_dir, adapters={"rec": str(adir)})
     got_h = half.score_yes_no([rec.request(e.user_summary, e.item, "rec") for e in exs])
     assert got_h == pytest.approx(mem, abs=2e-3)
@@ -220,11 +227,11 @@ def test_adapter_round_trip_and_merge(tiny_dir, cover, tmp_path):
 def test_training_resumes_from_checkpoint(tiny_dir, tmp_path):
     out = tmp_path / "resume"
     data = colour_task(64, 5)
-    m1 = sft.train_sft(fast_cfg(out, max_steps=4, save_steps=4, logging_steps=1), data, tiny_dir,
+    m1 = trainer.train_sft(fast_cfg(out, max_steps=4, save_steps=4, logging_steps=1), data, tiny_dir,
                        show_progress=False)
     assert m1["global_step"] == 4
     assert (out / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors").exists()
-    m2 = sft.train_sft(fast_cfg(out, max_steps=8, save_steps=4, logging_steps=1), data, tiny_dir,
+    m2 = trainer.train_sft(fast_cfg(out, max_steps=8, save_steps=4, logging_steps=1), data, tiny_dir,
                        resume_from_checkpoint=True, show_progress=False)
     assert m2["resumed_from"].endswith("checkpoint-4")
     assert m2["global_step"] == 8
@@ -234,23 +241,62 @@ def test_training_resumes_from_checkpoint(tiny_dir, tmp_path):
 
 
 def test_jsonl_round_trip(tmp_path, cover):
-    exs = sft.build_sft_examples(colour_task(6, 9, cover))
-    p = sft.save_examples_jsonl(exs, tmp_path / "x.jsonl")
-    back = sft.load_examples_jsonl(p)
+    exs = examples.build_sft_examples(colour_task(6, 9, cover))
+    p = examples.save_examples_jsonl(exs, tmp_path / "x.jsonl")
+    back = examples.load_examples_jsonl(p)
     assert [(e.user_summary, e.item.item_id, e.item.title, e.item.image_path, e.label) for e in back] == \
            [(e.user_summary, e.item.item_id, e.item.title, e.item.image_path, e.label) for e in exs]
     with pytest.raises(ValueError):
-        sft.build_sft_examples([("s", Item("x", "t"), "maybe")])
+        examples.build_sft_examples([("s", Item("x", "t"), "maybe")])
 
 
 def test_top_layers_regex_keeps_vision_out():
     import re
 
-    rx = sft.target_regex(sft.SFTConfig(lora_top_layers=2), 30)
+    rx = trainer.target_regex(SFTConfig(lora_top_layers=2), 30)
     assert re.fullmatch(rx, "model.text_model.layers.29.self_attn.q_proj")
     assert re.fullmatch(rx, "model.text_model.layers.28.mlp.down_proj")
     assert not re.fullmatch(rx, "model.text_model.layers.27.mlp.down_proj")
     assert not re.fullmatch(rx, "model.vision_model.encoder.layers.29.self_attn.q_proj")
-    full = sft.target_regex(sft.SFTConfig(lora_top_layers=0), 30)
+    full = trainer.target_regex(SFTConfig(lora_top_layers=0), 30)
     assert re.fullmatch(full, "model.layers.3.mlp.up_proj")  # text-only causal LMs too
     assert not re.fullmatch(full, "model.vision_model.encoder.layers.0.self_attn.k_proj")
+
+
+def test_sft_overrides_parse_yaml_values_and_refuse_unknown_keys():
+    from mllm_msr.config import apply_overrides
+
+    cfg = apply_overrides(SFTConfig, ["lora_r=4", "bf16=false", "history=titles", "threads=null"])
+    assert (cfg.lora_r, cfg.bf16, cfg.history, cfg.threads) == (4, False, "titles", None)
+    assert apply_overrides(cfg, ["epochs=2"]).model_dump() == {**cfg.model_dump(), "epochs": 2.0}
+    with pytest.raises(ValueError, match="unknown setting 'lora_rank'"):
+        apply_overrides(SFTConfig, ["lora_rank=4"])
+    with pytest.raises(ValueError):
+        apply_overrides(SFTConfig, ["lora_r=0"])  # validated: ge=1
+
+
+def test_sft_train_and_merge_commands(tiny_dir, cover, tmp_path):
+    """`msr finetune sft train` from JSONL with --set overrides, then `merge`; the benchmark's
+    provenance command is the `msr finetune sft benchmark` line that reproduces the run."""
+    from typer.testing import CliRunner
+
+    from mllm_msr.cli import app
+    from mllm_msr.cli.finetune import benchmark_command
+
+    data = examples.save_examples_jsonl(examples.build_sft_examples(colour_task(16, 0, cover)), tmp_path / "t.jsonl")
+    out = tmp_path / "adapter"
+    sets = [f"output_dir={out}", "max_steps=2", "batch_size=4", "save_steps=1000", "threads=1", "bf16=false"]
+    res = CliRunner().invoke(app, ["finetune", "sft", "train", "--data", str(data), "--model-dir", str(tiny_dir),
+                                   *[a for s in sets for a in ("--set", s)]])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout[res.stdout.rindex("\n{\n"):])["global_step"] == 2  # after the progress bar
+    assert json.loads((out / "sft_config.json").read_text())["max_steps"] == 2
+    merged = CliRunner().invoke(app, ["finetune", "sft", "merge", "--model-dir", str(tiny_dir), "--adapter", str(out),
+                                      "--out", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    assert (tmp_path / "merged" / "config.json").exists()
+    bad = CliRunner().invoke(app, ["finetune", "sft", "train", "--data", str(data), "--set", "lora_rank=4"])
+    assert bad.exit_code == 2 and "unknown setting 'lora_rank'" in bad.output
+    cmd = benchmark_command(None, ["scorer.threads=2"], ["history=titles"], Path("runs/t"), None, 100, 120, False)
+    assert cmd == ("msr finetune sft benchmark --work-dir runs/t --msr-set scorer.threads=2 --set history=titles "
+                   "--max-valid-users 100 --max-train-users 120")

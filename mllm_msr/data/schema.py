@@ -102,11 +102,10 @@ class Dataset:
         """Identity of the data (name, sizes, digest of every interaction): eval cache keys and the
         adapters' leak guard compare it, so a regenerated or edited dataset is never mistaken for
         the one an adapter was trained on."""
-        import hashlib
-        import json
+        from mllm_msr.hashing import json_digest
 
         rows = sorted((i.user_id, i.timestamp, i.item_id) for i in self.interactions)
-        digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:20]
+        digest = json_digest(rows, 20)
         return {"name": self.name, "items": len(self.items), "interactions": len(self.interactions),
                 "digest": digest}
 

@@ -20,10 +20,7 @@ Files written to ``out_dir``: ``synth_pairs.tsv`` (``user\\titem item …`` chro
 """
 from __future__ import annotations
 
-from mllm_msr.paths import msr_home  # noqa: F401 (re-exported)
-
 import csv
-import hashlib
 import json
 import math
 import os
@@ -37,6 +34,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from mllm_msr.data.covers import COLOURS, PATTERNS, SHAPES, VISUAL_ATTRIBUTES, caption, draw_cover
+from mllm_msr.hashing import json_digest
+from mllm_msr.paths import msr_home  # noqa: F401 (re-exported)
 
 GENERATOR_VERSION = "1"
 PREFIX = "synth"
@@ -103,8 +102,7 @@ class SynthConfig(BaseModel):
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the covers.")
 
     def config_hash(self) -> str:
-        payload = json.dumps({"v": GENERATOR_VERSION, **self.model_dump()}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+        return json_digest({"v": GENERATOR_VERSION, **self.model_dump()}, 12)
 
 
 

@@ -6,7 +6,6 @@ are computed once, and re-running a comparison is cheap.
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -14,9 +13,9 @@ from typing import Sequence
 from mllm_msr.config import MSRConfig
 from mllm_msr.data.protocol import EvalCase
 from mllm_msr.evaluation.metrics import paired_bootstrap, per_case_metrics
-from mllm_msr.pipeline import Services
+from mllm_msr.hashing import sha256_hex
+from mllm_msr.pipeline import Services, run_cases
 from mllm_msr.prompts import PROMPT_DIR, list_prompts, load_prompt
-from mllm_msr.pipeline import run_cases
 
 METRICS = ("user_auc", "hr@5", "mrr@5", "ndcg@5")
 
@@ -28,7 +27,7 @@ def complete_prompt_dir(folder: str | Path, work: Path) -> Path:
     files = sorted(folder.glob("*.yaml"))
     if not files:
         raise ValueError(f"{folder}: no prompt files (*.yaml)")
-    digest = hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:12]
+    digest = sha256_hex(b"".join(f.name.encode() + f.read_bytes() for f in files), 12)
     out = work / f"prompts-{digest}"
     if not out.exists():
         tmp = work / f".prompts-{digest}.tmp"

@@ -15,9 +15,6 @@ into ``<fake_token_around_image><global-img>`` + 16×``<image>`` + ``<fake_token
 """
 from __future__ import annotations
 
-from mllm_msr.paths import file_sha256, msr_home  # noqa: F401 (msr_home re-exported)
-
-import hashlib
 import importlib.util
 import json
 import os
@@ -26,6 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from mllm_msr.hashing import file_sha256
+from mllm_msr.paths import msr_home  # noqa: F401 (msr_home re-exported)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_SIZE = 128
@@ -156,7 +156,7 @@ def vision_config(**overrides: Any):
     """The vision tower of the default composite (3.17M params with the connector)."""
     from transformers import Idefics3VisionConfig
 
-    kw = dict(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=256, intermediate_size=1024,
+    kw: dict[str, Any] = dict(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=256, intermediate_size=1024,
               num_hidden_layers=3, num_attention_heads=4)
     kw.update(overrides)
     return Idefics3VisionConfig(**kw)
@@ -194,7 +194,32 @@ def _compose(tokenizer, text_config, vision_cfg):
                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          scale_factor=SCALE_FACTOR, tie_word_embeddings=True, pad_token_id=pad)
     cfg.text_config.tie_word_embeddings = True
+    check_token_ids(cfg, len(tokenizer))
     return Idefics3ForConditionalGeneration(cfg)
+
+
+def special_token_ids(config) -> dict[str, int]:
+    """Every token id a composite's config names (pad/bos/eos/unk/image, on the config, its text
+    config and its generation config), keyed by where it sits."""
+    out: dict[str, int] = {}
+    for where, c in (("config", config), ("text_config", getattr(config, "text_config", None)),
+                     ("generation_config", getattr(config, "generation_config", None))):
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id", "image_token_id"):
+            value = getattr(c, name, None) if c is not None else None
+            for n, v in enumerate(value if isinstance(value, list) else [value]):
+                if v is not None:
+                    out[f"{where}.{name}" + (f"[{n}]" if isinstance(value, list) else "")] = int(v)
+    return out
+
+
+def check_token_ids(config, vocab_size: int) -> None:
+    """Every special token id of ``config`` must lie in the real vocabulary [0, vocab_size)."""
+    text_vocab = getattr(getattr(config, "text_config", config), "vocab_size", vocab_size)
+    if text_vocab != vocab_size:
+        raise ValueError(f"text_config.vocab_size {text_vocab} != tokenizer vocabulary {vocab_size}")
+    bad = {k: v for k, v in special_token_ids(config).items() if not 0 <= v < vocab_size}
+    if bad:
+        raise ValueError(f"token ids outside the vocabulary [0, {vocab_size}): {bad}")
 
 
 def vision_state_dict(model) -> dict:

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from chromadb.config import Settings
 from chromadb.errors import NotFoundError, UniqueConstraintError
 from pydantic import BaseModel, Field
 
-from mllm_msr.paths import file_sha256
+from mllm_msr.hashing import file_sha256
 from mllm_msr.stores.embeddings import MiniLMEmbedding
 
 ITEMS = "item_summaries"
@@ -36,11 +35,6 @@ class StoreConfig(BaseModel):
     port: int = Field(8000, description="Chroma server port (with host).")
     database: str = Field(chromadb.DEFAULT_DATABASE, description="Database on the Chroma server (with host; "
                           "created if missing), so several runs or benchmarks can share one server.")
-
-
-def digest(*parts: Any) -> str:
-    """Stable short hash of JSON-able parts (cache keys)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def file_digest(path: str | Path | None) -> str:
