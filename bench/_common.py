@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -18,10 +21,49 @@ def model_path(spec: str, work: Path) -> Path:
     return Path(spec)
 
 
+def bench_setup(spec: str, sets: Sequence[str], prefix: str):
+    """(work folder, --set list, config, dataset) of a bench that runs the pipeline: a fresh
+    temporary folder, the model ``spec`` ('embedded' = the config's own) and the dataset, built
+    before anything is measured."""
+    import tempfile
+
+    from mllm_msr.config import load_config
+    from mllm_msr.pipeline import load_data
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    sets = list(sets)
+    if spec != "embedded":
+        p = model_path(spec, work)
+        sets += [f"generator.model={p}", f"scorer.model={p}"]
+    cfg = load_config(None, sets)
+    return work, sets, cfg, load_data(cfg)
+
+
+def machine() -> dict:
+    """When and under what load a result was measured (1/5/15-minute load averages, cores)."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_avg": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
+
+
 def write_result(out: Path, row: dict) -> None:
+    """One JSON line with the result, stamped with :func:`machine` (date, load average at the end)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row) + "\n")
-    print(f"results -> {out}")
+    out.write_text(json.dumps({**row, **machine()}) + "\n")
+    print(f"results -> {out} (load average {os.getloadavg()[0]:.2f})")
+
+
+def ranking(scores: Sequence[float]) -> list[int]:
+    return sorted(range(len(scores)), key=lambda i: -scores[i])
+
+
+def parity(ref: Sequence[Sequence[float]], other: Sequence[Sequence[float]], k: int = 5) -> dict:
+    """Per-user score lists against reference ones: max |Δp|, fraction of users with the same
+    top-k (as a set, in order) and the same full ranking."""
+    pairs = list(zip(ref, other, strict=True))
+    dp = max((abs(a - b) for r, o in pairs for a, b in zip(r, o, strict=True)), default=0.0)
+    return {"max_abs_dp": float(f"{dp:.3g}"),
+            "same_top5": sum(ranking(r)[:k] == ranking(o)[:k] for r, o in pairs) / max(len(pairs), 1),
+            "same_ranking": sum(ranking(r) == ranking(o) for r, o in pairs) / max(len(pairs), 1)}
 
 
 # A representative preference text as the pipeline builds it (Recommender.context: the recurrent
@@ -36,9 +78,18 @@ CONTEXT = (
     "item is a striped black star on a light background.")
 
 
-def recommend_requests(items):
+def user_contexts(n: int) -> list[str]:
+    """n different preference texts in the shape of :data:`CONTEXT` (one per bench "user")."""
+    colours = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white")
+    genres = ("fantasy film", "mystery novel", "western film", "science fiction story", "comedy")
+    patterns = ("striped", "dotted", "plain")
+    return [f"The user appears to have a preference for {patterns[k % 3]} {colours[k % 8]} covers and "
+            f"{genres[(k // 3) % 5]}s. " + CONTEXT for k in range(n)]
+
+
+def recommend_requests(items, context: str = CONTEXT, adapter: str | None = None):
     """The recommender's own requests (packaged ``recommend`` prompt) for one user's candidates."""
     from mllm_msr.agents.recommender import Recommender, RecommenderConfig
 
     rec = Recommender(None, RecommenderConfig(adapter=None))  # only builds requests
-    return [rec.request(CONTEXT, it) for it in items]
+    return [rec.request(context, it, adapter) for it in items]

