@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import chromadb
 from chromadb.api.types import EmbeddingFunction
 from chromadb.config import Settings
-from chromadb.errors import NotFoundError, UniqueConstraintError
+from chromadb.errors import ChromaError, NotFoundError, UniqueConstraintError
 from pydantic import BaseModel, Field
 
 from mllm_msr.hashing import file_sha256
@@ -35,6 +36,31 @@ class StoreConfig(BaseModel):
     port: int = Field(8000, description="Chroma server port (with host).")
     database: str = Field(chromadb.DEFAULT_DATABASE, description="Database on the Chroma server (with host; "
                           "created if missing), so several runs or benchmarks can share one server.")
+
+
+class StoreError(RuntimeError):
+    """The summary store cannot be opened or written (read-only folder, full disk, server down).
+
+    The message names the store's location; what was stored before stays intact (Chroma writes
+    each batch in one transaction)."""
+
+
+def _cause(err: BaseException) -> str:
+    text = str(err)
+    if "readonly" in text or "read-only" in text.lower() or getattr(err, "errno", None) in (13, 30):
+        return "it is read-only (check the folder's permissions and mount)"
+    if "disk is full" in text or getattr(err, "errno", None) == 28:
+        return "the disk is full (free space there and rerun: stored summaries are kept)"
+    return "the store failed"
+
+
+@contextmanager
+def store_errors(where: str, action: str) -> Iterator[None]:
+    """Turn Chroma / OS failures into a :class:`StoreError` that names ``where``."""
+    try:
+        yield
+    except (ChromaError, OSError) as e:
+        raise StoreError(f"cannot {action} the summary store at {where}: {_cause(e)} ({e})") from e
 
 
 def file_digest(path: str | Path | None) -> str:
@@ -84,17 +110,20 @@ class SummaryStore:
     def __init__(self, cfg: StoreConfig | None = None, *, client: Any = None,
                  embedding: EmbeddingFunction | None = None) -> None:
         cfg = cfg or StoreConfig()
-        if client is None:
-            if cfg.host:
-                client = http_client(cfg)
-            else:
-                Path(cfg.path).mkdir(parents=True, exist_ok=True)
-                client = chromadb.PersistentClient(path=cfg.path)
-        self.client = client
+        self.where = (f"chroma://{cfg.host}:{cfg.port}/{cfg.database}" if cfg.host
+                      else str(Path(cfg.path).resolve())) if client is None else "the given Chroma client"
         self.embedding = embedding or MiniLMEmbedding()
         meta = {"hnsw:space": "cosine"}
-        self.items = client.get_or_create_collection(ITEMS, embedding_function=self.embedding, metadata=meta)
-        self.users = client.get_or_create_collection(USERS, embedding_function=self.embedding, metadata=meta)
+        with store_errors(self.where, "open"):
+            if client is None:
+                if cfg.host:
+                    client = http_client(cfg)
+                else:
+                    Path(cfg.path).mkdir(parents=True, exist_ok=True)
+                    client = chromadb.PersistentClient(path=cfg.path)
+            self.items = client.get_or_create_collection(ITEMS, embedding_function=self.embedding, metadata=meta)
+            self.users = client.get_or_create_collection(USERS, embedding_function=self.embedding, metadata=meta)
+        self.client = client
 
     # ---- items -----------------------------------------------------------------------------
     def get_items(self, keys: Sequence[str]) -> dict[str, ItemSummary]:
@@ -108,10 +137,11 @@ class SummaryStore:
         rows = list(summaries)
         if not rows:
             return
-        self.items.upsert(
-            ids=[s.key for s in rows], documents=[s.summary for s in rows],
-            metadatas=[{"item_id": s.item_id, "image_description": s.image_description,
-                        "text_summary": s.text_summary, **(extra or {})} for s in rows])
+        with store_errors(self.where, f"write {len(rows)} item summaries to"):
+            self.items.upsert(
+                ids=[s.key for s in rows], documents=[s.summary for s in rows],
+                metadatas=[{"item_id": s.item_id, "image_description": s.image_description,
+                            "text_summary": s.text_summary, **(extra or {})} for s in rows])
 
     def search_items(self, query: str, n: int, exclude: set[str] = frozenset(),
                      where: dict[str, Any] | None = None) -> list[tuple[str, float]]:
@@ -141,12 +171,13 @@ class SummaryStore:
         rows = list(versions)
         if not rows:
             return
-        self.users.upsert(
-            ids=[v.key for v in rows], documents=[v.summary for v in rows],
-            metadatas=[{"user_id": v.user_id, "step": v.step, "timestamp": v.timestamp,
-                        "covered": json.dumps(list(v.covered)), "n_covered": len(v.covered),
-                        "prompt_version": v.prompt_version, "model_id": v.model_id,
-                        "source": v.source} for v in rows])
+        with store_errors(self.where, f"write {len(rows)} user summaries to"):
+            self.users.upsert(
+                ids=[v.key for v in rows], documents=[v.summary for v in rows],
+                metadatas=[{"user_id": v.user_id, "step": v.step, "timestamp": v.timestamp,
+                            "covered": json.dumps(list(v.covered)), "n_covered": len(v.covered),
+                            "prompt_version": v.prompt_version, "model_id": v.model_id,
+                            "source": v.source} for v in rows])
 
     def user_history(self, user_id: str) -> list[UserSummaryVersion]:
         """Every stored version for a user, by step (then by how much history it covers)."""
