@@ -313,6 +313,9 @@ def score_cases(s: Services, cases: Sequence[EvalCase], *, resume_file: str | Pa
     """One row per case: ``key, user_id, candidates, labels, scores, summary`` (the preference text
     the recommender read). With ``resume_file`` (JSONL), rows already there under the same key are
     reused and new rows are appended and fsynced as they are scored, so a killed run resumes."""
+    if s.cfg.engine.kind == "ray":  # the same stages as Ray Data pipelines (mllm_msr/distributed.py)
+        from mllm_msr.distributed import score_cases_ray
+        return score_cases_ray(s, cases, resume_file=resume_file, advance=advance, timings=timings)
     timings = timings if timings is not None else {}
     s.check_users([c.user_id for c in cases])
     summaries, latest = summarize_cases(s, cases, advance, timings)
