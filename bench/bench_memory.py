@@ -1,8 +1,8 @@
 """Peak memory of a default `msr run`, summed over its whole process tree (vLLM server included).
 
-    python bench/bench_memory.py                       # default run, 2 test users, fresh store
-    python bench/bench_memory.py --users 12            # every test user of the default benchmark
-    python bench/bench_memory.py --backend vllm-server # the same run served by a managed vLLM server
+    python bench/bench_memory.py                       # the default `msr run` (its 100 test users), fresh store
+    python bench/bench_memory.py --users 2             # quick
+    python bench/bench_memory.py --backend vllm-server # both roles served by a managed vLLM server
     python bench/bench_memory.py --model tiny --users 1 --set synth.n_users=20 --set synth.n_items=40
 
 ``python -m mllm_msr.cli run --quiet`` runs in a subprocess with its run folder and Chroma store
@@ -82,10 +82,11 @@ def rss_pss(pid: int) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded", help="embedded | tiny | an HF folder")
-    ap.add_argument("--users", type=int, default=2, help="test users evaluated (msr run --users)")
-    ap.add_argument("--backend", default="transformers",
-                    choices=["transformers", "vllm", "vllm-server"],
-                    help="generator + scorer backend (the default run uses transformers)")
+    ap.add_argument("--users", type=int, default=None, help="test users evaluated (msr run --users; "
+                    "default: the run's own max_test_users)")
+    ap.add_argument("--backend", default="default",
+                    choices=["default", "transformers", "vllm", "vllm-server"],
+                    help="generator + scorer backend ('default': the config's own, as `msr run` with no flag)")
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="extra msr --set key=value (repeatable)")
     ap.add_argument("--interval", type=float, default=0.25, help="sampling period, seconds")
@@ -97,15 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     path = model_path(args.model, work)  # built before (outside) the measured run
     if args.model != "embedded":
         sets.update({"generator.model": path, "scorer.model": path})
-    if args.backend != "transformers":
+    if args.backend != "default":
         sets.update({"generator.backend": args.backend, "scorer.backend": args.backend})
     flags = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     for s in args.sets:
         flags += ["--set", s]
-    cmd = [sys.executable, "-m", "mllm_msr.cli", "run", "--quiet", "--users", str(args.users), *flags]
+    cmd = [sys.executable, "-m", "mllm_msr.cli", "run", "--quiet",
+           *(["--users", str(args.users)] if args.users else []), *flags]
     subprocess.run([sys.executable, "-m", "mllm_msr.cli", "data", "synth", *flags], check=True,
                    capture_output=True)  # benchmark data generated outside the measured run
-    print(f"model {path}; backend {args.backend}; {args.users} test user(s); sampling every "
+    print(f"model {path}; backend {args.backend}; {args.users or 'default'} test user(s); sampling every "
           f"{args.interval}s")
     log = open(work / "run.log", "w")
     t0 = time.perf_counter()
@@ -138,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{'MET' if gb < TARGET_GB else 'NOT MET'}")
     write_result(args.out, {
         "bench": "memory", "date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model,
-        "backend": args.backend, "users": args.users, "wall_s": round(wall, 1),
+        "backend": args.backend, "users": metrics["users"], "wall_s": round(wall, 1),
         "peak_rss_gb": round(gb, 3), "peak_pss_gb": round(peak_pss / 1e9, 3),
         "max_single_rss_gb": round(maxrss / 1e9, 3), "processes": peak_n,
         "ratio": round(gb / TARGET_GB, 3), "target_gb": TARGET_GB, "met": gb < TARGET_GB,
-        "model_calls": metrics["model_calls"]})
+        "model_calls": metrics["model_calls"], "timings_s": metrics.get("timings_s")})
     return 0
 
 

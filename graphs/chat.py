@@ -14,8 +14,8 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
 from mllm_msr.graphs.nodes import _event, make_recommend, make_retrieve
-from mllm_msr.pipeline import NO_PREFERENCES, Services
 from mllm_msr.graphs.state import RecState
+from mllm_msr.pipeline import NO_PREFERENCES, Services
 
 
 class ChatState(RecState, total=False):
@@ -52,9 +52,10 @@ def make_respond(s: Services, top: int = 3):
         keys = [s.summarizer.key(s.catalog[r["item_id"]]) for r in ranking]
         sums = s.store.get_items(keys)
         lines = [f"Your taste as I understand it: {state['user_summary']}"]
-        for r, k in zip(ranking, keys):
+        for r, k in zip(ranking, keys, strict=True):
+            # no summary yet (chat summarizes only the user's history): the item's own text
             why = sums[k].image_description if k in sums and sums[k].image_description else (
-                sums[k].summary if k in sums else "")
+                sums[k].summary if k in sums else s.catalog[r["item_id"]].text or "")
             lines.append(f"- {r['title']} (score {r['score']:.2f}) — {why[:120]}")
         if not ranking:
             lines.append("I have nothing new to suggest yet.")

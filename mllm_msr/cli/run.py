@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.progress import Progress
 from rich.table import Table
 
 from mllm_msr.cli.common import ConfigOpt, SetOpt, console, load_cfg, print_table, run_lock, user_sequences
@@ -45,9 +46,10 @@ def recommend(user: str = UserOpt, top: int = typer.Option(10, help="How many it
     """One user's preference summary and top items with scores (runs the LangGraph pipeline)."""
     from mllm_msr.data.protocol import build_splits
     from mllm_msr.graphs.pipeline import compile_pipeline, make_checkpointer, thread
+    from mllm_msr.graphs.prepare import interactive_config, prepare_user, rich_advance
     from mllm_msr.pipeline import build_services, finalize_config, load_data
 
-    cfg = finalize_config(load_cfg(config, set_))
+    cfg = interactive_config(finalize_config(load_cfg(config, set_)))
     ds = load_data(cfg)
     seqs = user_sequences(ds, user)
     splits = build_splits(ds, cfg.protocol)
@@ -58,6 +60,8 @@ def recommend(user: str = UserOpt, top: int = typer.Option(10, help="How many it
         history, ts = [i.item_id for i in seqs[user]], [i.timestamp for i in seqs[user]]
     candidates = [] if (retrieve or case is None) else list(case.candidates)
     services = build_services(cfg, ds)
+    with Progress(console=console) as prog:  # this user's history (+ candidates) only, never the catalog
+        prepare_user(services, user, history, ts, candidates, rich_advance(prog))
     graph = compile_pipeline(services, make_checkpointer(cfg))
     state = graph.invoke({"user_id": user, "history": history, "history_timestamps": ts,
                           "candidates": candidates}, thread(user))
@@ -95,20 +99,19 @@ def chat(user: str = UserOpt, config: Path | None = ConfigOpt, set_: list[str] |
     """Conversational recommender: say what you like or want; the memory folds it in and answers."""
     from langchain_core.messages import HumanMessage
 
-    from mllm_msr.agents.user_memory import UserHistory
     from mllm_msr.graphs.chat import compile_chat
     from mllm_msr.graphs.pipeline import make_checkpointer, thread
+    from mllm_msr.graphs.prepare import interactive_config, prepare_user, rich_advance
     from mllm_msr.pipeline import build_services, finalize_config, load_data
 
-    cfg = finalize_config(load_cfg(config, set_))
+    cfg = interactive_config(finalize_config(load_cfg(config, set_)))
     ds = load_data(cfg)
     seqs = user_sequences(ds, user)
     s = build_services(cfg, ds)
-    console.print("preparing item summaries (cached after the first time)…")
-    summaries = s.summarizer.summarize(list(ds.items.values()))
     hist = [i.item_id for i in seqs[user]]
-    s.memory.update_many([UserHistory(user, tuple(hist), tuple(i.timestamp for i in seqs[user]))],
-                         ds.items, summaries)
+    console.print(f"summarizing {user}'s {len(hist)} history items and preferences (cached after the first time)…")
+    with Progress(console=console) as prog:  # this user's history only, never the catalog
+        prepare_user(s, user, hist, [i.timestamp for i in seqs[user]], advance=rich_advance(prog))
     graph = compile_chat(s, make_checkpointer(cfg, "chat"))
     conf = thread(f"chat:{user}")
     console.print(f"[bold]chatting as {user}[/] ({len(hist)} items in history). Empty line = recommend, "
@@ -146,15 +149,14 @@ def web(port: int = typer.Option(8765, help="Port to serve on."),
     import uvicorn
 
     from mllm_msr.data.protocol import build_splits
+    from mllm_msr.graphs.prepare import interactive_config
     from mllm_msr.pipeline import build_services, finalize_config, load_data
     from mllm_msr.web import create_app
 
-    cfg = finalize_config(load_cfg(config, set_))
+    cfg = interactive_config(finalize_config(load_cfg(config, set_)))
     ds = load_data(cfg)
     s = build_services(cfg, ds)
-    cases = build_splits(ds, cfg.protocol).test[:users]
-    console.print("preparing item summaries (cached after the first time)…")
-    s.summarizer.summarize(list(ds.items.values()))
+    cases = build_splits(ds, cfg.protocol).test[:users]  # a user's page summarizes only that user's items
     table = {c.user_id: {"history": list(c.history), "timestamps": list(c.history_timestamps),
                          "candidates": list(c.candidates)} for c in cases}
     shown = f"[{host}]" if ":" in host else host
