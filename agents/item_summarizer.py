@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from mllm_msr.data.schema import Item
 from mllm_msr.hashing import digest
 from mllm_msr.models.base import ModelBackend
-from mllm_msr.prompts import Prompt, load_prompt, neutralise
+from mllm_msr.prompting import Prompt, load_prompt, neutralise
 from mllm_msr.stores.summaries import ItemSummary, SummaryStore, file_digest
 
 # Bump when the code that renders prompt values changes, so cached summaries are recomputed.

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from mllm_msr.data.schema import Item
 from mllm_msr.models.base import ChatRequest, ModelBackend
-from mllm_msr.prompts import load_prompt
+from mllm_msr.prompting import load_prompt
 
 
 class RecommenderConfig(BaseModel):

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from mllm_msr.data.schema import Item
 from mllm_msr.hashing import digest
 from mllm_msr.models.base import ModelBackend
-from mllm_msr.prompts import load_prompt, neutralise, render_items
+from mllm_msr.prompting import load_prompt, neutralise, render_items
 from mllm_msr.stores.summaries import ItemSummary, SummaryStore, UserSummaryVersion
 
 EMPTY_SUMMARY = "Nothing yet: this is the user's first block of items."

@@ -42,7 +42,7 @@ import torch
 from mllm_msr.data.loaders import load_movielens100k, movielens100k_dir
 from mllm_msr.data.protocol import EvalCase, ProtocolConfig, Splits, build_splits
 from mllm_msr.evaluation.baselines import BASELINES, BaselineConfig
-from mllm_msr.evaluation.metrics import evaluate
+from mllm_msr.metrics import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("hr@5", "mrr@5", "ndcg@5")

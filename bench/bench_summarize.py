@@ -40,7 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def item_requests(n: int):
     """n ``item_image`` requests on the bundled benchmark's covers (distinct items)."""
     from mllm_msr.data.loaders import load_dataset
-    from mllm_msr.prompts import load_prompt
+    from mllm_msr.prompting import load_prompt
 
     ds = load_dataset("synth")
     items = [it for it in ds.items.values() if it.image_path is not None][:n]

@@ -37,7 +37,7 @@ def main() -> None:
     from mllm_msr.models.embedded import IMAGE_SEQ_LEN, ensure_default_model
     from mllm_msr.pipeline import build_services, load_data
     from mllm_msr.presets import load_preset, preset_names
-    from mllm_msr.prompts import render_items
+    from mllm_msr.prompting import render_items
 
     cfg = MSRConfig()
     ds = load_data(cfg)

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mllm_msr.evaluation.metrics import auc_score
+from mllm_msr.metrics import auc_score
 from mllm_msr.finetune.config import SFTConfig
 from mllm_msr.finetune.encoding import SFTCollator, SFTEncoder, _ListDataset
 from mllm_msr.finetune.examples import SFTExample, build_sft_examples

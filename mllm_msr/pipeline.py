@@ -33,7 +33,7 @@ from mllm_msr.agents.user_memory import UserHistory, UserMemory
 from mllm_msr.config import MSRConfig
 from mllm_msr.data.protocol import EvalCase
 from mllm_msr.data.schema import Dataset, DataError, Item
-from mllm_msr.evaluation.metrics import evaluate
+from mllm_msr.metrics import evaluate
 from mllm_msr.hashing import digest
 from mllm_msr.models.base import ModelBackend
 from mllm_msr.models.factory import ModelConfig, resolve_model_path

@@ -21,7 +21,7 @@ from mllm_msr.evaluation.baselines import (
     training_sequences,
     tune,
 )
-from mllm_msr.evaluation.metrics import evaluate
+from mllm_msr.metrics import evaluate
 
 torch.set_num_threads(1)
 FAST = BaselineConfig(epochs=10, dim=16, batch_size=64, patience=0)

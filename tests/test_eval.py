@@ -14,7 +14,7 @@ from mllm_msr.data.protocol import ProtocolConfig, build_splits
 from mllm_msr.evaluation import baselines
 from mllm_msr.evaluation.baselines import BaselineConfig
 from mllm_msr.evaluation.fidelity import current_likes, item_fidelity, names, user_fidelity
-from mllm_msr.evaluation.metrics import evaluate, user_bootstrap
+from mllm_msr.metrics import evaluate, user_bootstrap
 from mllm_msr.evaluation.report import build_results, render_tables, update_readme
 from mllm_msr.evaluation.rows import ROWS, parse_rows
 from mllm_msr.evaluation.run import EvalContext, run_eval
@@ -204,3 +204,29 @@ def test_fidelity_names_current_values_only():
     items = {"i": {"colour": "red", "pattern": "solid", "shape": "star", "genre": "drama"}}
     assert item_fidelity({"i": "A red star, drama."}, items) == {"n": 1, "colour": 1.0, "pattern": 0.0,
                                                                  "shape": 1.0, "genre": 1.0}
+
+
+def test_readme_result_blocks_match_the_committed_result_files():
+    """Every README block marked <!-- results:NAME --> is exactly what `msr report` renders from
+    the committed results/ files (so no figure in those blocks can drift from its file)."""
+    from pathlib import Path
+
+    from mllm_msr.evaluation.report import MARK, committed_tables
+
+    root = Path(__file__).resolve().parents[1]
+    tables = committed_tables(root / "results")
+    readme = root / "README.md"
+    named = {m.group("name") for m in MARK.finditer(readme.read_text(encoding="utf-8"))}
+    assert named <= set(tables), f"README blocks without a result file: {sorted(named - set(tables))}"
+    assert update_readme(readme, tables, check=True) == []
+
+
+def test_eval_cli_registered():
+    from typer.testing import CliRunner
+
+    from mllm_msr.cli import app
+
+    res = CliRunner().invoke(app, ["eval", "--help"])
+    assert res.exit_code == 0 and "--rows" in res.output and "--results" in res.output
+    res = CliRunner().invoke(app, ["report", "--help"])
+    assert res.exit_code == 0 and "--check" in res.output

@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from mllm_msr.data.protocol import EvalCase
-from mllm_msr.evaluation.metrics import (
+from mllm_msr.metrics import (
     auc_score,
     bootstrap_ci,
     evaluate,

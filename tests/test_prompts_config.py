@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mllm_msr.config import describe, load_config
-from mllm_msr.prompts import PROMPT_DIR, PromptError, list_prompts, load_prompt, neutralise, render_items
+from mllm_msr.prompting import PROMPT_DIR, PromptError, list_prompts, load_prompt, neutralise, render_items
 
 
 def test_every_packaged_prompt_loads_with_declared_variables():

@@ -17,7 +17,7 @@ from mllm_msr.data.synth import (
     item_caption,
     load_ground_truth,
 )
-from mllm_msr.evaluation.metrics import evaluate
+from mllm_msr.metrics import evaluate
 
 
 @pytest.fixture(scope="module")

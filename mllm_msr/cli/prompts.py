@@ -16,7 +16,7 @@ PromptDirOpt = typer.Option(None, help="Prompt folder.")
 @app.command("list")
 def prompts_list(prompt_dir: Path | None = PromptDirOpt) -> None:
     """Prompt files with their version (content hash) and variables."""
-    from mllm_msr.prompts import list_prompts, load_prompt
+    from mllm_msr.prompting import list_prompts, load_prompt
 
     t = Table()
     for col in ("name", "version", "variables", "image", "description"):
@@ -30,7 +30,7 @@ def prompts_list(prompt_dir: Path | None = PromptDirOpt) -> None:
 @app.command("show")
 def prompts_show(name: str, prompt_dir: Path | None = PromptDirOpt) -> None:
     """Print a prompt file."""
-    from mllm_msr.prompts import load_prompt
+    from mllm_msr.prompting import load_prompt
 
     p = load_prompt(name, prompt_dir)
     if p.path is None:

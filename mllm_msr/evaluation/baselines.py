@@ -40,7 +40,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 
 from mllm_msr.data.protocol import EvalCase, Splits
 from mllm_msr.data.schema import Dataset
-from mllm_msr.evaluation.metrics import evaluate
+from mllm_msr.metrics import evaluate
 
 
 class BaselineConfig(BaseModel):

@@ -12,10 +12,10 @@ from typing import Sequence
 
 from mllm_msr.config import MSRConfig
 from mllm_msr.data.protocol import EvalCase
-from mllm_msr.evaluation.metrics import paired_bootstrap, per_case_metrics
+from mllm_msr.metrics import paired_bootstrap, per_case_metrics
 from mllm_msr.hashing import sha256_hex
 from mllm_msr.pipeline import Services, run_cases
-from mllm_msr.prompts import PROMPT_DIR, list_prompts, load_prompt
+from mllm_msr.prompting import PROMPT_DIR, list_prompts, load_prompt
 
 METRICS = ("user_auc", "hr@5", "mrr@5", "ndcg@5")
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mllm_msr.evaluation.metrics import user_bootstrap
+from mllm_msr.metrics import user_bootstrap
 from mllm_msr.evaluation.rows import REFERENCE_ROW
 
 TABLE_METRICS: tuple[tuple[str, str], ...] = (("auc", "AUC"), ("hr@5", "HR@5"), ("mrr@5", "MRR@5"),

@@ -26,7 +26,7 @@ from mllm_msr.config import MSRConfig, load_config
 from mllm_msr.data.protocol import EvalCase, ProtocolConfig, Splits, build_splits
 from mllm_msr.data.schema import Dataset
 from mllm_msr.evaluation.baselines import BASELINES, BaselineConfig, BaselineGrid, tune
-from mllm_msr.evaluation.metrics import evaluate
+from mllm_msr.metrics import evaluate
 from mllm_msr.evaluation.rows import ROWS, Row
 from mllm_msr.paths import adapter_sha256
 from mllm_msr.pipeline import (Services, adapter_leak, build_services, finalize_config, make_backends,
