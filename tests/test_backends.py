@@ -109,7 +109,7 @@ def test_score_in_unit_interval_and_batch_invariant(hf, tiny_images):
     s = hf.score_yes_no(reqs)
     assert all(0.0 <= p <= 1.0 for p in s)
     one = [hf.score_yes_no([r])[0] for r in reqs]
-    assert max(abs(a - b) for a, b in zip(s, one)) < 1e-5  # right padding: rows independent
+    assert max(abs(a - b) for a, b in zip(s, one, strict=True)) < 1e-5  # right padding: rows independent
 
 
 def test_prefix_shared_scoring_equals_naive(hf, tiny_images):
@@ -118,16 +118,16 @@ def test_prefix_shared_scoring_equals_naive(hf, tiny_images):
     groups = hf.stats["prefix_groups"]
     shared = hf.score_yes_no(reqs, prefix_sharing=True)
     assert hf.stats["prefix_groups"] == groups + 1
-    assert max(abs(a - b) for a, b in zip(naive, shared)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(naive, shared, strict=True)) < 1e-4
     # two users interleaved, with the adapter: one prefix group per user
     other = candidates(tiny_images, 5, summary="The user likes yellow triangles only. " * 3)
-    mix = [r for pair in zip(reqs[:5], other) for r in pair]
+    mix = [r for pair in zip(reqs[:5], other, strict=True) for r in pair]
     mix = [ChatRequest(r.messages, "rec") for r in mix]
     groups = hf.stats["prefix_groups"]
     a = hf.score_yes_no(mix, prefix_sharing=True)
     assert hf.stats["prefix_groups"] == groups + 2
     b = hf.score_yes_no(mix, prefix_sharing=False)
-    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
 
 
 def test_prefix_cut_before_images_and_short_prefix_falls_back(hf, tiny_images):
@@ -154,10 +154,10 @@ def test_adapter_differs_from_base_and_equals_merged(hf, lora_adapter, tiny_imag
 
     base = hf.score_yes_no(mixed_requests(tiny_images))
     with_ad = hf.score_yes_no(mixed_requests(tiny_images, adapter="rec"))
-    assert max(abs(a - b) for a, b in zip(base, with_ad)) > 1e-3
+    assert max(abs(a - b) for a, b in zip(base, with_ad, strict=True)) > 1e-3
     merged = TransformersBackend(lora_adapter[1])
     m = merged.score_yes_no(mixed_requests(tiny_images))
-    assert max(abs(a - b) for a, b in zip(with_ad, m)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(with_ad, m, strict=True)) < 1e-4
     reqs = mixed_requests(tiny_images, adapter="rec")
     assert hf.generate(reqs, max_new_tokens=5) == merged.generate(
         [ChatRequest(r.messages) for r in reqs], max_new_tokens=5)
@@ -369,11 +369,12 @@ def test_three_backends_agree(vllm_server, vllm_inproc, hf, tiny_images, adapter
     s = vllm_server.backend().score_yes_no(reqs)
     v = vllm_inproc.score_yes_no(reqs)
     print(f"adapter={adapter}: max |transformers - server| = "
-          f"{max(abs(a - b) for a, b in zip(t, s)):.2e}, max |transformers - in-process| = "
-          f"{max(abs(a - b) for a, b in zip(t, v)):.2e} over {len(reqs)} requests")
-    assert max(abs(a - b) for a, b in zip(t, s)) < 2e-3
-    assert max(abs(a - b) for a, b in zip(t, v)) < 2e-3
+          f"{max(abs(a - b) for a, b in zip(t, s, strict=True)):.2e}, max |transformers - in-process| = "
+          f"{max(abs(a - b) for a, b in zip(t, v, strict=True)):.2e} over {len(reqs)} requests")
+    assert max(abs(a - b) for a, b in zip(t, s, strict=True)) < 2e-3
+    assert max(abs(a - b) for a, b in zip(t, v, strict=True)) < 2e-3
     if adapter:
-        assert max(abs(a - b) for a, b in zip(t, hf.score_yes_no(mixed_requests(tiny_images) + candidates(tiny_images, 6)))) > 1e-3
+        base = hf.score_yes_no(mixed_requests(tiny_images) + candidates(tiny_images, 6))
+        assert max(abs(a - b) for a, b in zip(t, base, strict=True)) > 1e-3
     g = vllm_inproc.generate(reqs[:4], max_new_tokens=5)
     assert g == hf.generate(reqs[:4], max_new_tokens=5)

@@ -59,7 +59,7 @@ class ModelBackend(ABC):
     def score_yes_no(self, requests: Sequence[ChatRequest]) -> list[float]:
         """p(yes) / (p(yes) + p(no)) for the first answer token of each chat (one forward pass)."""
 
-    def close(self) -> None:  # pragma: no cover - default no-op
+    def close(self) -> None:  # noqa: B027  # pragma: no cover - default no-op
         """Release processes / memory."""
 
 

@@ -427,7 +427,7 @@ class TransformersBackend(ModelBackend):
                         if len(rows) > 1 and c >= self.min_shared_prefix:
                             res = self._forward_shared(toks[seg[0]][:c], [texts[i] for i in rows],
                                                        [images[i] for i in rows])
-                            for i, p in zip(rows, res):
+                            for i, p in zip(rows, res, strict=True):
                                 out[i] = p
                             self.stats["prefix_groups"] += 1
                             self.stats["prefix_rows"] += len(rows)
@@ -437,7 +437,7 @@ class TransformersBackend(ModelBackend):
                 self.stats["naive_rows"] += len(naive)
                 for chunk in self._chunks(naive):
                     res = self._forward_naive([texts[i] for i in chunk], [images[i] for i in chunk])
-                    for i, p in zip(chunk, res):
+                    for i, p in zip(chunk, res, strict=True):
                         out[i] = p
         self.stats["forward_s"] += time.perf_counter() - t0
         return [float(p) for p in out]  # type: ignore[arg-type]
