@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -127,6 +128,7 @@ class TransformersBackend(ModelBackend):
                                         "score_calls": 0, "rows_scored": 0,
                                         "prefix_groups": 0, "prefix_rows": 0, "naive_rows": 0,
                                         "forward_s": 0.0}
+        self._lock = threading.RLock()  # see _adapter
         self._load(self.model_path)
         self.adapters: dict[str, str] = {}
         for name, path in (adapters or {}).items():
@@ -181,14 +183,17 @@ class TransformersBackend(ModelBackend):
 
     @contextmanager
     def _adapter(self, name: str | None) -> Iterator[None]:
-        if name is None:
-            with (self.model.disable_adapter() if self._peft else nullcontext()):
-                yield
-            return
-        if name not in self.adapters:
-            raise BackendError(f"unknown adapter {name!r}; loaded: {sorted(self.adapters)}")
-        self.model.set_adapter(name)
-        yield
+        # One caller at a time: the active adapter and the tokenizer's padding state are shared, and
+        # servers (msr web, langgraph dev) call from several threads (bench/bench_load.py).
+        with self._lock:
+            if name is None:
+                with (self.model.disable_adapter() if self._peft else nullcontext()):
+                    yield
+                return
+            if name not in self.adapters:
+                raise BackendError(f"unknown adapter {name!r}; loaded: {sorted(self.adapters)}")
+            self.model.set_adapter(name)
+            yield
 
     def _hf_model(self):
         """The transformers model (LoRA layers injected in place when peft is on)."""
