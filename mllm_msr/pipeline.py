@@ -33,7 +33,7 @@ from mllm_msr.agents.user_memory import UserHistory, UserMemory
 from mllm_msr.config import MSRConfig
 from mllm_msr.data.protocol import EvalCase
 from mllm_msr.data.schema import Dataset, DataError, Item
-from mllm_msr.metrics import evaluate
+from mllm_msr.metrics import evaluate, user_bootstrap
 from mllm_msr.hashing import digest
 from mllm_msr.models.base import ModelBackend
 from mllm_msr.models.factory import ModelConfig, resolve_model_path
@@ -369,6 +369,9 @@ def run_cases(s: Services, cases: Sequence[EvalCase], run_dir: str | Path,
 
         rows = score_cases(s, cases, resume_file=run_dir / "scores.jsonl", advance=advance, timings=timings)
     metrics = evaluate(cases, [r["scores"] for r in rows])
+    if len(cases) > 1:  # AUC's 95% bootstrap interval over users (the evidence, not just the number)
+        ci = user_bootstrap(cases, [r["scores"] for r in rows], metrics=["auc"])["auc"]
+        metrics.update(auc_ci95_low=ci["low"], auc_ci95_high=ci["high"])
     calls = (s.summarizer.model_calls, s.memory.model_calls, s.recommender.model_calls)
     result = {
         "metrics": metrics,

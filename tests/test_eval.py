@@ -230,3 +230,15 @@ def test_eval_cli_registered():
     assert res.exit_code == 0 and "--rows" in res.output and "--results" in res.output
     res = CliRunner().invoke(app, ["report", "--help"])
     assert res.exit_code == 0 and "--check" in res.output
+
+
+def test_row_cache_key_follows_only_the_rows_own_adapter(ds, tmp_path):
+    """Re-shipping another row's adapter must not invalidate this row's cached result."""
+    from mllm_msr.evaluation.run import row_config, row_key
+
+    cfg = load_config(None, [f"store.path={tmp_path / 'chroma'}", _fake_adapters(tmp_path)])
+    ctx = EvalContext(dataset=ds, protocol=ProtocolConfig(), out_dir=tmp_path, baseline_cfg=FAST, msr_cfg=cfg)
+    keys = {r: row_key(ctx, ROWS[r], 0, row_config(ctx, ROWS[r], 0)) for r in ("zero_shot", "mllm_msr")}
+    (tmp_path / "rec" / "adapter_model.safetensors").write_bytes(b"retrained")
+    after = {r: row_key(ctx, ROWS[r], 0, row_config(ctx, ROWS[r], 0)) for r in ("zero_shot", "mllm_msr")}
+    assert after["zero_shot"] == keys["zero_shot"] and after["mllm_msr"] != keys["mllm_msr"]

@@ -34,7 +34,11 @@ def run(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
         services = build_services(cfg, ds)
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
         result = run_cases(services, cases, run_dir, show_progress=not quiet)
-    print_table(f"MLLM-MSR on {ds.name} ({result['users']} test users)", result["metrics"])
+    m = result["metrics"]
+    print_table(f"MLLM-MSR on {ds.name} ({result['users']} test users)", m)
+    if "auc_ci95_low" in m:
+        console.print(f"[bold]AUC {m['auc']:.3f}[/] (95% bootstrap interval over the {result['users']} test users: "
+                      f"{m['auc_ci95_low']:.3f}–{m['auc_ci95_high']:.3f})")
     console.print(f"model calls: {result['model_calls']}  timings: {result['timings_s']}")
     console.print(f"results in {run_dir}/metrics.json and {run_dir}/scores.jsonl")
 

@@ -86,8 +86,11 @@ def row_key(ctx: EvalContext, row: Row, seed: int, llm_cfg: MSRConfig | None = N
         return _hash(*common, ctx.baseline_cfg.model_dump(), ctx.tune and (ctx.grid or BaselineGrid()).model_dump())
     assert llm_cfg is not None
     cfg = llm_cfg.model_dump(exclude={"run_dir", "seed", "max_test_users"})
-    weights = {name: adapter_sha256(folder) for name, folder in sorted(llm_cfg.scorer.adapters.items())}
-    return _hash(*common, cfg, weights)
+    # only the adapter this row scores with: re-shipping another adapter must not recompute it
+    name = llm_cfg.recommender.adapter
+    cfg["scorer"].pop("adapters", None)
+    weights = adapter_sha256(llm_cfg.scorer.adapters.get(name)) if name else None
+    return _hash(*common, cfg, name, weights)
 
 
 def skip_reason(ctx: EvalContext, row: Row, seed: int, splits: Splits) -> str | None:
