@@ -1,16 +1,16 @@
 """Item summarizer: cover image description (MLLM) + text summary (LLM), fused into one summary.
 
 Three prompts as the paper describes; the fusion step keeps the image description as its own input
-so long text cannot drown the visual features. Model outputs are stored neutralised (no chat
-control tokens or image placeholders), so injected item text cannot smuggle them downstream. Every summary is looked up in the store first by
-(content hash of image + text, prompt versions, model ids); only misses reach a model, in batches,
-and each batch is written to the store before the next starts (an interrupted run loses at most one
-batch of work).
+so long text cannot drown the visual features. Model outputs are stored neutralised (no chat control
+tokens or image placeholders), so injected item text cannot smuggle them downstream. Every summary
+is looked up in the store first by (content hash of image + text, prompt versions, model ids); only
+misses reach a model, in batches, and each batch is written to the store before the next starts (an
+interrupted run loses at most one batch of work).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from pydantic import BaseModel, Field
 
@@ -27,8 +27,10 @@ SUMMARIZER_VERSION = 2
 class ItemSummarizerConfig(BaseModel):
     """How items are summarised."""
 
-    use_images: bool = Field(True, description="Describe cover images with the MLLM (off = the 'without image summaries' ablation).")
-    fuse: bool = Field(True, description="Fuse image description and text summary with a third prompt (paper); off = concatenate.")
+    use_images: bool = Field(True,
+        description="Describe cover images with the MLLM (off = the 'without image summaries' ablation).")
+    fuse: bool = Field(True,
+        description="Fuse image description and text summary with a third prompt (paper); off = concatenate.")
     batch_size: int = Field(16, description="Items per model batch (also the unit written to the store).")
     image_tokens: int = Field(24, description="Max new tokens for an image description.")
     text_tokens: int = Field(24, description="Max new tokens for a text summary.")
@@ -52,7 +54,8 @@ class ItemSummarizer:
 
     def key(self, item: Item) -> str:
         with_image = self.cfg.use_images and item.image_path is not None
-        return digest("item", SUMMARIZER_VERSION, file_digest(item.image_path) if with_image else None, item.title, item.text,
+        return digest("item", SUMMARIZER_VERSION, file_digest(item.image_path) if with_image else None,
+                      item.title, item.text,
                       self.p_image.version if with_image else None, self.p_text.version,
                       self.p_fuse.version if (with_image and self.cfg.fuse) else None,
                       self.mllm.model_id if with_image else None, self.llm.model_id)
@@ -88,18 +91,18 @@ class ItemSummarizer:
             outs = self.mllm.generate([self.p_image.request(it.image_path) for it in imaged],
                                       max_new_tokens=self.cfg.image_tokens)
             self.model_calls += len(imaged)
-            descs = {it.item_id: neutralise(o) for it, o in zip(imaged, outs)}
+            descs = {it.item_id: neutralise(o) for it, o in zip(imaged, outs, strict=True)}
         texts = self.llm.generate([self.p_text.request(title=it.title, text=it.text or "none")
                                    for it in chunk], max_new_tokens=self.cfg.text_tokens)
         self.model_calls += len(chunk)
-        text_sum = {it.item_id: neutralise(o) for it, o in zip(chunk, texts)}
+        text_sum = {it.item_id: neutralise(o) for it, o in zip(chunk, texts, strict=True)}
         fused: dict[str, str] = {}
         if imaged and self.cfg.fuse:
             outs = self.llm.generate([self.p_fuse.request(title=it.title, image_description=descs[it.item_id],
                                                           text_summary=text_sum[it.item_id]) for it in imaged],
                                      max_new_tokens=self.cfg.fuse_tokens)
             self.model_calls += len(imaged)
-            fused = {it.item_id: neutralise(o) for it, o in zip(imaged, outs)}
+            fused = {it.item_id: neutralise(o) for it, o in zip(imaged, outs, strict=True)}
         result = []
         for it in chunk:
             d, t = descs.get(it.item_id, ""), text_sum[it.item_id]

@@ -5,8 +5,9 @@ share the prompt prefix (transformers reuses its KV cache; vLLM uses prefix cach
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -20,9 +21,18 @@ class RecommenderConfig(BaseModel):
 
     use_images: bool = Field(True, description="Show the candidate's cover to the MLLM (off: title only).")
     adapter: str | None = Field("rec", description="LoRA adapter name to score with (None = base model, zero-shot).")
-    recent_items: int = Field(0, ge=0, description="Extension beyond the paper: also show the summaries of the user's last N history items after the preference summary (0 = the paper's input exactly). The embedded 135M summarizer's preference summaries often lose the concrete colours and genres (measured), so this extension is offered and reported as its own evaluation row (MLLM-MSR + recent items); the default is the paper's input.")
-    history: Literal["summary", "titles"] = Field("summary", description="What the model reads about the user: 'summary' = MLLM-MSR (recurrent preference summary, plus recent item summaries when recent_items > 0); 'titles' = TALLRec-style (the titles of the latest history items, no summaries, no images of the history).")
-    title_history: int = Field(10, ge=1, description="With history='titles': how many of the latest history titles are shown.")
+    recent_items: int = Field(0, ge=0,
+        description="Extension beyond the paper: also show the summaries of the user's last N history items after the"
+                    " preference summary (0 = the paper's input exactly). The embedded 135M summarizer's preference "
+                    "summaries often lose the concrete colours and genres (measured), so this extension is offered "
+                    "and reported as its own evaluation row (MLLM-MSR + recent items); the default is the paper's "
+                    "input.")
+    history: Literal["summary", "titles"] = Field("summary",
+        description="What the model reads about the user: 'summary' = MLLM-MSR (recurrent preference summary, plus "
+                    "recent item summaries when recent_items > 0); 'titles' = TALLRec-style (the titles of the latest"
+                    " history items, no summaries, no images of the history).")
+    title_history: int = Field(10, ge=1,
+        description="With history='titles': how many of the latest history titles are shown.")
     prompt: str = Field("recommend", description="Prompt file for candidates with an image.")
     text_prompt: str = Field("recommend_text", description="Prompt file for candidates without an image.")
     titles_prompt: str = Field("recommend_titles", description="Prompt file for history='titles' (TALLRec-style).")
@@ -77,4 +87,4 @@ class Recommender:
 
     def rank(self, text: str, candidates: Sequence[Item]) -> list[tuple[str, float]]:
         scores = self.score(text, candidates)
-        return sorted(zip((c.item_id for c in candidates), scores), key=lambda t: -t[1])
+        return sorted(zip((c.item_id for c in candidates), scores, strict=True), key=lambda t: -t[1])

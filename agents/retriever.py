@@ -2,7 +2,7 @@
 the user's preference summary (MiniLM embeddings in Chroma), for the recommender to rank."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from mllm_msr.data.schema import Item
 from mllm_msr.stores.summaries import SummaryStore

@@ -7,6 +7,7 @@ from here."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 
 import numpy as np
 
@@ -30,7 +31,7 @@ def _index(embedding, catalog: Mapping[str, Item]) -> tuple[list[str], np.ndarra
 
 
 def search_titles(embedding, catalog: Mapping[str, Item], query: str, n: int,
-                  exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
+                  exclude: AbstractSet[str] = frozenset()) -> list[tuple[str, float]]:
     """The ``n`` catalog items whose title + text are nearest ``query`` (cosine), skipping ``exclude``."""
     if n <= 0 or not catalog:
         return []

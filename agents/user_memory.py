@@ -9,8 +9,9 @@ earlier blocks: one new interaction costs at most one block update, whatever the
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -26,7 +27,8 @@ EMPTY_SUMMARY = "Nothing yet: this is the user's first block of items."
 class MemoryConfig(BaseModel):
     """How user preference summaries are built."""
 
-    mode: Literal["recurrent", "direct"] = Field("recurrent", description="recurrent = block by block (paper); direct = whole history at once (ablation).")
+    mode: Literal["recurrent", "direct"] = Field("recurrent",
+        description="recurrent = block by block (paper); direct = whole history at once (ablation).")
     block_size: int = Field(3, ge=1, description="Items per block in recurrent mode (paper default 3).")
     max_new_tokens: int = Field(60, description="Max new tokens per summary.")
     prompt_dir: str | None = Field(None, description="Folder of prompt files (default: the packaged prompts/).")
@@ -90,12 +92,12 @@ class UserMemory:
             if not todo:
                 continue
             reqs = [self.p_block.request(
-                previous_summary=latest[uid].summary if latest[uid] else EMPTY_SUMMARY,
+                previous_summary=v.summary if (v := latest[uid]) is not None else EMPTY_SUMMARY,
                 items=self._lines(block, catalog, summaries)) for uid, _, block, _ in todo]
             outs = self.llm.generate(reqs, max_new_tokens=self.cfg.max_new_tokens)
             self.model_calls += len(reqs)
             new = []
-            for (uid, key, block, ts), text in zip(todo, outs):
+            for (uid, key, block, ts), text in zip(todo, outs, strict=True):
                 prev = latest[uid]
                 covered = (prev.covered if prev else ()) + tuple(block)
                 v = UserSummaryVersion(uid, step, key, neutralise(text), covered, ts, self.p_block.version,
@@ -129,7 +131,7 @@ class UserMemory:
             new = [UserSummaryVersion(h.user_id, 0, key, neutralise(text), tuple(h.items),
                                       h.timestamps[-1] if h.timestamps else float(len(h.items)),
                                       self.p_direct.version, self.llm.model_id)
-                   for (h, key), text in zip(todo, outs)]
+                   for (h, key), text in zip(todo, outs, strict=True)]
             self.store.put_user_versions(new)
             out.update({v.user_id: v for v in new})
         if progress:

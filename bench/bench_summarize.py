@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
 
     result["threads"] = torch.get_num_threads()
 
-    def hf(bs: int):
+    def hf(bs: int, backend=b):
         def go():
-            b.batch_size = bs
-            return b.generate(reqs, max_new_tokens=mnt)
+            backend.batch_size = bs
+            return backend.generate(reqs, max_new_tokens=mnt)
         return go
 
     sizes = sorted({1, min(8, len(reqs)), min(16, len(reqs))})

@@ -11,8 +11,13 @@ import argparse
 
 from langgraph.graph import END, START, StateGraph
 
-from mllm_msr.graphs.nodes import (make_recommend, make_retrieve, make_summarize_items, make_update_memory,
-                                   needs_retrieval)
+from mllm_msr.graphs.nodes import (
+    make_recommend,
+    make_retrieve,
+    make_summarize_items,
+    make_update_memory,
+    needs_retrieval,
+)
 from mllm_msr.graphs.state import RecState
 from mllm_msr.pipeline import Services
 
@@ -22,13 +27,17 @@ def make_ban_filter(s: Services, banned: set[str]):
     def ban_filter(state: RecState) -> dict:
         keep = [c for c in state.get("candidates", [])
                 if not any(w in s.catalog[c].title.lower() for w in banned)]
-        return {"candidates": keep, "events": [{"node": "ban_filter", "dropped": len(state.get("candidates", [])) - len(keep)}]}
+        dropped = len(state.get("candidates", [])) - len(keep)
+        return {"candidates": keep, "events": [{"node": "ban_filter", "dropped": dropped}]}
     return ban_filter
 
 
 def make_rerank(top_penalty: float = 0.0):
     def rerank(state: RecState) -> dict:
-        ranked = sorted(state.get("ranking", []), key=lambda r: -(r["score"] - top_penalty * ("sequel" in r["title"].lower())))
+        def penalised(r: dict) -> float:
+            return r["score"] - top_penalty * ("sequel" in r["title"].lower())
+
+        ranked = sorted(state.get("ranking", []), key=penalised, reverse=True)
         return {"ranking": ranked}
     return rerank
 
@@ -53,7 +62,7 @@ def build_custom_graph(s: Services, banned: set[str]):
 
 def main() -> None:
     from mllm_msr.config import load_config
-    from mllm_msr.pipeline import build_services, load_data, finalize_config
+    from mllm_msr.pipeline import build_services, finalize_config, load_data
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--user", required=True)

@@ -17,10 +17,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mllm_msr.metrics import auc_score
 from mllm_msr.finetune.config import SFTConfig
 from mllm_msr.finetune.encoding import SFTCollator, SFTEncoder, _ListDataset
 from mllm_msr.finetune.examples import SFTExample, build_sft_examples
+from mllm_msr.metrics import auc_score
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 

@@ -7,7 +7,7 @@ recipe lives there, not here); import them to compose your own
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from mllm_msr.agents.retriever import retrieve
 from mllm_msr.agents.user_memory import UserHistory

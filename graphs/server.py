@@ -10,14 +10,14 @@ import os
 from functools import lru_cache
 
 from mllm_msr.graphs.chat import compile_chat
-from mllm_msr.pipeline import Services
 from mllm_msr.graphs.pipeline import compile_pipeline
+from mllm_msr.pipeline import Services
 
 
 @lru_cache(maxsize=1)
 def services() -> Services:
     from mllm_msr.config import load_config
-    from mllm_msr.pipeline import build_services, load_data, finalize_config
+    from mllm_msr.pipeline import build_services, finalize_config, load_data
 
     cfg = finalize_config(load_config(os.environ.get("MSR_CONFIG") or None))
     return build_services(cfg, load_data(cfg))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import types
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field
@@ -17,9 +17,27 @@ from mllm_msr.agents.recommender import RecommenderConfig
 from mllm_msr.agents.user_memory import MemoryConfig
 from mllm_msr.data.protocol import ProtocolConfig
 from mllm_msr.data.synth import SynthConfig
-from mllm_msr.distributed import EngineConfig
 from mllm_msr.models.factory import ModelConfig
 from mllm_msr.stores.summaries import StoreConfig
+
+
+class EngineConfig(BaseModel):
+    """Where the dataset-wide stages run."""
+
+    kind: Literal["local", "ray"] = Field(
+        "local", description="'local' = this process; 'ray' = Ray Data pipelines (map_batches over actor pools) "
+                             "on the cluster at engine.ray_address; needs the Chroma server (store.host).")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'HOST:6379' or 'ray://HOST:10001'); None = start a local "
+                          "Ray with engine.num_cpus CPUs.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray started when ray_address is None "
+                                                         "(None = all).")
+    actors: int = Field(2, ge=1, description="Actors per stage (each holds its own backends).")
+    cpus_per_actor: float = Field(1.0, ge=0, description="CPUs Ray reserves for each actor.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs Ray reserves for each actor (in-process vLLM on "
+                                                         "GPUs: its tensor_parallel size).")
+    users_per_batch: int = Field(8, ge=1, description="Users per batch in the memory and scoring stages.")
+
 
 
 class MSRConfig(BaseModel):

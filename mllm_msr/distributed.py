@@ -25,39 +25,21 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
+from mllm_msr import pipeline
+from mllm_msr.config import EngineConfig, MSRConfig
+from mllm_msr.pipeline import Advance, Services
 
-if TYPE_CHECKING:  # the pipeline imports the config, which imports this module
-    from mllm_msr.config import MSRConfig
+if TYPE_CHECKING:
     from mllm_msr.data.protocol import EvalCase
     from mllm_msr.data.schema import Dataset
     from mllm_msr.models.base import ModelBackend
-    from mllm_msr.pipeline import Advance, Services
 
 BackendFactory = Callable[["MSRConfig"], tuple["ModelBackend", "ModelBackend"]]
 # Services.extra key: a picklable (generator, scorer) factory the actors call instead of building
 # backends from the config (custom backends; tests use scripted fakes)
 BACKENDS_KEY = "ray_backend_factory"
-
-
-class EngineConfig(BaseModel):
-    """Where the dataset-wide stages run."""
-
-    kind: Literal["local", "ray"] = Field(
-        "local", description="'local' = this process; 'ray' = Ray Data pipelines (map_batches over actor pools) "
-                             "on the cluster at engine.ray_address; needs the Chroma server (store.host).")
-    ray_address: str | None = Field(
-        None, description="Ray cluster to join ('auto', 'HOST:6379' or 'ray://HOST:10001'); None = start a local "
-                          "Ray with engine.num_cpus CPUs.")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray started when ray_address is None "
-                                                         "(None = all).")
-    actors: int = Field(2, ge=1, description="Actors per stage (each holds its own backends).")
-    cpus_per_actor: float = Field(1.0, ge=0, description="CPUs Ray reserves for each actor.")
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs Ray reserves for each actor (in-process vLLM on "
-                                                         "GPUs: its tensor_parallel size).")
-    users_per_batch: int = Field(8, ge=1, description="Users per batch in the memory and scoring stages.")
 
 
 # --------------------------------------------------------------------------------------- actors
@@ -230,3 +212,6 @@ def score_cases_ray(s: Services, cases: Sequence[EvalCase], *, resume_file: str 
             out.close()
     timings["scoring_s"] = time.perf_counter() - t2
     return [done[key] for _, _, key in plan]
+
+
+pipeline.ENGINES["ray"] = score_cases_ray  # engine.kind=ray (pipeline.ENGINE_MODULES names this module)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ def _check(cases: Sequence, scores: Sequence[Sequence[float]]) -> list[tuple[np.
     if len(cases) != len(scores):
         raise ValueError(f"{len(cases)} cases but {len(scores)} score lists")
     out = []
-    for n, (case, s) in enumerate(zip(cases, scores)):
+    for n, (case, s) in enumerate(zip(cases, scores, strict=True)):
         labels = np.asarray(case.labels, dtype=int)
         arr = np.asarray(s, dtype=float)
         if arr.shape != labels.shape:
@@ -30,7 +31,7 @@ def _check(cases: Sequence, scores: Sequence[Sequence[float]]) -> list[tuple[np.
     return out
 
 
-def auc_score(labels: Sequence[int], scores: Sequence[float]) -> float:
+def auc_score(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
     """Mann-Whitney AUC with ties counted 0.5 (= sklearn roc_auc_score); NaN if one class is absent."""
     y = np.asarray(labels, dtype=int)
     s = np.asarray(scores, dtype=float)
@@ -51,7 +52,7 @@ def auc_score(labels: Sequence[int], scores: Sequence[float]) -> float:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def positive_rank(labels: Sequence[int], scores: Sequence[float]) -> int:
+def positive_rank(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> int:
     """1-based rank of the single positive, pessimistic on ties."""
     y = np.asarray(labels, dtype=int)
     s = np.asarray(scores, dtype=float)
@@ -190,12 +191,12 @@ def user_bootstrap(cases: Sequence, scores: Sequence[Sequence[float]], other: Se
     n = labels.shape[0]
     draws = rng.integers(0, n, size=(n_resamples, n))
     everyone = np.arange(n)
-    out: dict[str, dict] = {}
+    out: dict[str, dict[str, Any]] = {}
     for m in metrics:
         value = _stat(m, labels, s, per, everyone)
         boot = np.array([_stat(m, labels, s, per, d) for d in draws])
         lo, hi = np.nanquantile(boot, [0.025, 0.975])
-        entry = {"value": value, "low": float(lo), "high": float(hi)}
+        entry: dict[str, Any] = {"value": value, "low": float(lo), "high": float(hi)}
         if other is not None:
             ov = _stat(m, labels, o, per_o, everyone)
             diffs = boot - np.array([_stat(m, labels, o, per_o, d) for d in draws])

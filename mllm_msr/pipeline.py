@@ -16,6 +16,7 @@ these; none re-implements them.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -32,9 +33,9 @@ from mllm_msr.agents.recommender import Recommender
 from mllm_msr.agents.user_memory import UserHistory, UserMemory
 from mllm_msr.config import MSRConfig
 from mllm_msr.data.protocol import EvalCase
-from mllm_msr.data.schema import Dataset, DataError, Item
-from mllm_msr.metrics import evaluate, user_bootstrap
+from mllm_msr.data.schema import DataError, Dataset, Item
 from mllm_msr.hashing import digest
+from mllm_msr.metrics import evaluate, user_bootstrap
 from mllm_msr.models.base import ModelBackend
 from mllm_msr.models.factory import ModelConfig, resolve_model_path
 from mllm_msr.paths import adapter_sha256
@@ -285,6 +286,10 @@ def _read_done(path: Path) -> dict[str, dict]:
 
 
 Advance = Callable[[str, int, int | None], None]  # (stage, n done, total or None)
+# engine.kind → the module that implements score_cases on that engine; the module registers its
+# implementation in ENGINES when imported (so the pipeline does not import the engines above it)
+ENGINE_MODULES = {"ray": "mllm_msr.distributed"}
+ENGINES: dict[str, Callable[..., list[dict]]] = {}
 
 
 def summarize_cases(s: Services, cases: Sequence[EvalCase], advance: Advance | None = None,
@@ -313,11 +318,11 @@ def score_cases(s: Services, cases: Sequence[EvalCase], *, resume_file: str | Pa
     """One row per case: ``key, user_id, candidates, labels, scores, summary`` (the preference text
     the recommender read). With ``resume_file`` (JSONL), rows already there under the same key are
     reused and new rows are appended and fsynced as they are scored, so a killed run resumes."""
-    if s.cfg.engine.kind == "ray":  # the same stages as Ray Data pipelines (mllm_msr/distributed.py)
-        from mllm_msr.distributed import score_cases_ray
-        return score_cases_ray(s, cases, resume_file=resume_file, advance=advance, timings=timings)
-    timings = timings if timings is not None else {}
     s.check_users([c.user_id for c in cases])
+    if s.cfg.engine.kind != "local":  # the same stages on another engine (e.g. Ray Data: mllm_msr/distributed.py)
+        importlib.import_module(ENGINE_MODULES[s.cfg.engine.kind])  # registers itself in ENGINES
+        return ENGINES[s.cfg.engine.kind](s, cases, resume_file=resume_file, advance=advance, timings=timings)
+    timings = timings if timings is not None else {}
     summaries, latest = summarize_cases(s, cases, advance, timings)
     t2 = time.perf_counter()
     done = _read_done(Path(resume_file)) if resume_file else {}

@@ -1,11 +1,12 @@
-"""The prompt renderer: loads the prompt files (``prompts/*.yaml``, edited without touching Python)
-and renders them into chat requests.
+"""The prompt renderer: loads the prompt files (``prompts/*.yaml``, edited without touching Python) and
+renders them into chat requests.
 
 Each ``*.yaml`` in ``prompts/`` (or in a user-supplied folder) declares its ``variables`` and holds
-``system``/``user`` templates with ``{variable}`` slots; ``image: true`` adds the item's image
-part, at the ``[[image]]`` marker if the template has one, else before the text. A prompt's *version* is the hash of its file, and it is part of every cache key, so editing
-a prompt invalidates exactly what it produced. Values are untrusted data: the renderer neutralises
-chat-template control tokens and image placeholders inside them.
+``system``/``user`` templates with ``{variable}`` slots; ``image: true`` adds the item's image part,
+at the ``[[image]]`` marker if the template has one, else before the text. A prompt's *version* is
+the hash of its file, and it is part of every cache key, so editing a prompt invalidates exactly
+what it produced. Values are untrusted data: the renderer neutralises chat-template control tokens
+and image placeholders inside them.
 """
 from __future__ import annotations
 

@@ -14,11 +14,11 @@ from mllm_msr.data.protocol import ProtocolConfig, build_splits
 from mllm_msr.evaluation import baselines
 from mllm_msr.evaluation.baselines import BaselineConfig
 from mllm_msr.evaluation.fidelity import current_likes, item_fidelity, names, user_fidelity
-from mllm_msr.metrics import evaluate, user_bootstrap
 from mllm_msr.evaluation.report import build_results, render_tables, update_readme
 from mllm_msr.evaluation.rows import ROWS, parse_rows
 from mllm_msr.evaluation.run import EvalContext, run_eval
 from mllm_msr.evaluation.suite import SmokeRunError, run_suite
+from mllm_msr.metrics import evaluate, user_bootstrap
 from mllm_msr.models.base import ModelBackend
 from mllm_msr.pipeline import LeakError, adapter_leak, build_services
 

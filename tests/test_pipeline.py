@@ -20,8 +20,8 @@ from mllm_msr.agents.recommender import RecommenderConfig
 from mllm_msr.agents.user_memory import MemoryConfig, UserHistory, blocks_of
 from mllm_msr.config import MSRConfig
 from mllm_msr.data.protocol import ProtocolConfig, build_splits
-from mllm_msr.metrics import evaluate
 from mllm_msr.graphs.pipeline import compile_pipeline, sqlite_checkpointer, thread
+from mllm_msr.metrics import evaluate
 from mllm_msr.pipeline import build_services, run_cases
 from mllm_msr.prompts import PROMPT_DIR
 from mllm_msr.stores.summaries import StoreConfig

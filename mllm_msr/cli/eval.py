@@ -15,12 +15,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def eval_cmd(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
-             dataset: str | None = typer.Option(None, help="synth | ml-100k | a dataset folder (default: the config's)."),
+             dataset: str | None = typer.Option(None, help="synth | ml-100k | a dataset folder (default: config)."),
              rows: str = typer.Option(",".join(DEFAULT_ROWS), help=f"Comma-separated rows or groups. Rows: "
                                       f"{', '.join(ROWS)}. Groups: {', '.join(GROUPS)}."),
              users: int | None = typer.Option(None, help="Cap on test users (a smoke run: cannot write --results)."),
              valid_users: int = typer.Option(100, help="Validation users scored per row (test protocol)."),
-             out: Path | None = typer.Option(None, help="Working folder (default: run_dir); OUT/eval/ holds the cache."),
+             out: Path | None = typer.Option(None, help="Working folder (default: run_dir); OUT/eval/ is the cache."),
              results: Path | None = typer.Option(None, help="Also write results.json, table.md and plots here "
                                                  "(the committed results/<dataset>/ folder)."),
              baseline: list[str] | None = typer.Option(None, "--baseline", "-b", help="Baseline setting key=value "

@@ -192,17 +192,17 @@ def _finish(name: str, items: dict[str, Item], raw: list[tuple[str, float, str, 
 
     ``raw`` rows are (user, timestamp, item, rating, where) with ``where`` = "file:line".
     """
-    inter: list[Interaction] = []
+    inter: list[tuple[Interaction, str]] = []
     for user, ts, item, rating, where in raw:
         if item not in items:
             _warn(report, "unknown_item",
                   f"{where}: interaction of user {user!r} references unknown item {item!r}; skipped")
             continue
-        inter.append((Interaction(user, ts, item, rating), where))  # type: ignore[arg-type]
+        inter.append((Interaction(user, ts, item, rating), where))
     inter.sort(key=lambda x: (x[0].user_id, x[0].timestamp))  # stable: same-second ties keep file order
     seen: set[tuple[str, str]] = set()
     kept: list[Interaction] = []
-    for it, where in inter:  # type: ignore[misc]
+    for it, where in inter:
         key = (it.user_id, it.item_id)
         if key in seen:
             _warn(report, "duplicate_interaction",

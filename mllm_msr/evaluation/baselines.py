@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, PrivateAttr
@@ -294,12 +294,12 @@ class _SequentialBaseline:
     def __init__(self, cfg: BaselineConfig | None = None):
         self.cfg = cfg or BaselineConfig()
         self.losses: list[float] = []
-        self.model = None
+        self.model: Any = None  # the torch module, built in fit
         self.valid_history: list[dict[str, float]] = []  # per evaluated epoch: epoch, loss, metrics
         self.best_epoch = 0  # epoch whose weights were kept (0 = untrained)
         self.vocab: dict[str, int] = {}  # item id -> 1..V (0 = padding / unknown)
         self.feat_index: dict[str, int] = {}  # item id -> row of self.feats (row 0 = zeros)
-        self.feats = None
+        self.feats: Any = None  # cover features (torch tensor), built in fit
 
     # ---- data
     def _item_features(self, dataset: Dataset | None) -> None:
@@ -308,7 +308,8 @@ class _SequentialBaseline:
         self.feat_index, self.feats = {}, None
         if not self.use_images or dataset is None:
             return
-        rows, vecs = {}, []
+        rows: dict[str, int] = {}
+        vecs: list[np.ndarray] = []
         for iid in sorted(dataset.items):
             f = image_feature(dataset.items[iid].image_path, self.cfg.thumb_size, self.cfg.hist_bins)
             if f is not None:

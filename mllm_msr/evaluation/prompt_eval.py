@@ -7,13 +7,13 @@ are computed once, and re-running a comparison is cheap.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mllm_msr.config import MSRConfig
 from mllm_msr.data.protocol import EvalCase
-from mllm_msr.metrics import paired_bootstrap, per_case_metrics
 from mllm_msr.hashing import sha256_hex
+from mllm_msr.metrics import paired_bootstrap, per_case_metrics
 from mllm_msr.pipeline import Services, run_cases
 from mllm_msr.prompting import PROMPT_DIR, list_prompts, load_prompt
 
@@ -65,7 +65,7 @@ def compare(services_for, cases: Sequence[EvalCase], dir_a: Path, dir_b: Path, w
     diffs = {}
     for m in METRICS:
         a, b = per_case["A"][m], per_case["B"][m]
-        pairs = [(x, y) for x, y in zip(a, b) if x == x and y == y]  # drop NaN (single-class cases)
+        pairs = [(x, y) for x, y in zip(a, b, strict=True) if x == x and y == y]  # drop NaN (single-class cases)
         if pairs:
             diffs[m] = {"A": sum(p[0] for p in pairs) / len(pairs), "B": sum(p[1] for p in pairs) / len(pairs),
                         **paired_bootstrap([p[1] for p in pairs], [p[0] for p in pairs])}

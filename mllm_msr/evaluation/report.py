@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mllm_msr.metrics import user_bootstrap
 from mllm_msr.evaluation.rows import REFERENCE_ROW
+from mllm_msr.metrics import user_bootstrap
 
 TABLE_METRICS: tuple[tuple[str, str], ...] = (("auc", "AUC"), ("hr@5", "HR@5"), ("mrr@5", "MRR@5"),
                                              ("ndcg@5", "NDCG@5"))
@@ -113,7 +113,7 @@ def render_tables(payload: dict) -> str:
              f"{payload.get('valid_users', '?')} validation users, same protocol.", "",
              "| Row | AUC | Δ AUC vs MLLM-MSR | HR@5 | MRR@5 | NDCG@5 | valid AUC |",
              "|---|---|---|---|---|---|---|"]
-    for key, r in rows.items():
+    for _key, r in rows.items():
         if "test" not in r:
             lines.append(f"| {r['label']} | – | – | – | – | – | {r['status']}: {r['reason']} |")
             continue
@@ -124,7 +124,7 @@ def render_tables(payload: dict) -> str:
                      f"{_ci(a['mrr@5'])} | {_ci(a['ndcg@5'])} | {valid} |")
     lines += ["", "| Row | warm users | warm AUC | Δ warm vs MLLM-MSR | cold users | cold AUC | Δ cold vs MLLM-MSR |",
               "|---|---|---|---|---|---|---|"]
-    for key, r in rows.items():
+    for _key, r in rows.items():
         if "test" not in r:
             continue
         w, c = r["test"].get("warm"), r["test"].get("cold")
@@ -175,12 +175,48 @@ def update_readme(readme: Path, tables: dict[str, str], check: bool = False) -> 
     return changed
 
 
-def committed_tables(results_root: Path) -> dict[str, str]:
-    """NAME → table for every committed ``results/<NAME>/results.json`` (eval results) and every
-    other committed JSON result that has a renderer."""
+def render_run(m: dict) -> str:
+    """The main job's committed result (``results/run/metrics.json``, written by a real `msr run`)."""
+    k = m["metrics"]
+    t, c = m.get("timings_s", {}), m.get("model_calls", {})
+    return "\n".join([
+        "| test users | AUC [95% CI over users] | HR@5 | MRR@5 | NDCG@5 | wall time "
+        "| item / user summaries, scored pairs |",
+        "|---|---|---|---|---|---|---|",
+        f"| {m['users']} | {k['auc']:.3f} [{k['auc_ci95_low']:.3f}, {k['auc_ci95_high']:.3f}] | {k['hr@5']:.3f} | "
+        f"{k['mrr@5']:.3f} | {k['ndcg@5']:.3f} | {t.get('total_s', float('nan')) / 60:.1f} min (items "
+        f"{t.get('items_s', 0):.0f} s, users {t.get('users_s', 0):.0f} s, scoring {t.get('scoring_s', 0):.0f} s) | "
+        f"{c.get('item_summaries')} / {c.get('user_summaries')}, {c.get('scored_pairs')} |",
+        "", f"Run on {m.get('date', '?')} ({m.get('machine', '?')}): `{m.get('command', 'msr run')}`."]) + "\n"
+
+
+def render_adapters(weights: Path) -> str:
+    """The shipped adapters, from their committed ``PROVENANCE.json`` files."""
+    lines = ["| adapter | trained with | train examples (users) | steps | SFT time | valid AUC zero-shot → adapter "
+             "(1:20, users) |", "|---|---|---|---|---|---|"]
+    for f in sorted(weights.glob("*/PROVENANCE.json")):
+        p = json.loads(f.read_text(encoding="utf-8"))
+        d, tr = p.get("data", {}), p.get("training", {})
+        zs, ad = (p.get("valid_zero_shot") or {}).get("metrics"), (p.get("valid_adapter") or {}).get("metrics")
+        valid = (f"{zs['auc']:.3f} → **{ad['auc']:.3f}** ({int(ad['n_cases'])})" if zs and ad else "–")
+        lines.append(f"| `{f.parent.name}` | `{p.get('command', '?')}` | {d.get('sft_train_examples', '?')} "
+                     f"({d.get('sft_train_users', '?')}) | {tr.get('global_step', '?')} | "
+                     f"{tr.get('wall_s', float('nan')) / 60:.0f} min | {valid} |")
+    return "\n".join(lines) + "\n"
+
+
+def committed_tables(results_root: Path, weights: Path | None = None) -> dict[str, str]:
+    """NAME → table for every committed result file: ``results/<NAME>/results.json`` (eval),
+    ``results/run/metrics.json`` (the main job) and the shipped adapters' provenance."""
     out: dict[str, str] = {}
     for f in sorted(results_root.glob("*/results.json")):
         out[f"eval.{f.parent.name}"] = render_tables(json.loads(f.read_text(encoding="utf-8")))
+    run = results_root / "run" / "metrics.json"
+    if run.is_file():
+        out["run"] = render_run(json.loads(run.read_text(encoding="utf-8")))
+    from mllm_msr.pipeline import WEIGHTS
+
+    out["adapters"] = render_adapters(weights or WEIGHTS)
     return out
 
 

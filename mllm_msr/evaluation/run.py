@@ -26,11 +26,12 @@ from mllm_msr.config import MSRConfig, load_config
 from mllm_msr.data.protocol import EvalCase, ProtocolConfig, Splits, build_splits
 from mllm_msr.data.schema import Dataset
 from mllm_msr.evaluation.baselines import BASELINES, BaselineConfig, BaselineGrid, tune
-from mllm_msr.metrics import evaluate
 from mllm_msr.evaluation.rows import ROWS, Row
+from mllm_msr.metrics import evaluate
+from mllm_msr.models.base import ModelBackend
 from mllm_msr.paths import adapter_sha256
-from mllm_msr.pipeline import (Services, adapter_leak, build_services, finalize_config, make_backends,
-                               score_cases)
+from mllm_msr.pipeline import Services, adapter_leak, build_services, finalize_config, make_backends, score_cases
+from mllm_msr.stores.summaries import SummaryStore
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def _hash(*parts: Any) -> str:
 def case_rows(cases: Sequence[EvalCase], scores: Sequence[Sequence[float]], cold: frozenset[str]) -> list[dict]:
     """The per-user records every report is computed from (the target's cold flag included)."""
     return [{"user_id": c.user_id, "candidates": list(c.candidates), "labels": list(c.labels),
-             "scores": [float(x) for x in s], "cold": c.target in cold} for c, s in zip(cases, scores)]
+             "scores": [float(x) for x in s], "cold": c.target in cold} for c, s in zip(cases, scores, strict=True)]
 
 
 @dataclass
@@ -64,7 +65,8 @@ class EvalContext:
 
 class _SplitCache:
     def __init__(self, ctx: EvalContext):
-        self.ctx, self._splits = ctx, {}
+        self.ctx = ctx
+        self._splits: dict[int, Splits] = {}
 
     def __call__(self, seed: int) -> Splits:
         if seed not in self._splits:
@@ -154,19 +156,19 @@ class _LLMRunner:
     """Builds backends and the summary store once and reuses them for every LLM row and seed."""
 
     def __init__(self, ctx: EvalContext):
-        self.ctx, self._shared = ctx, None
+        self.ctx = ctx
+        self._shared: tuple[ModelBackend, ModelBackend, SummaryStore] | None = None
 
     def services(self, cfg: MSRConfig) -> Services:
         if self.ctx.services_factory is not None:
             return self.ctx.services_factory(cfg, self.ctx.dataset)
         if self._shared is None:
-            from mllm_msr.stores.summaries import SummaryStore
-
             assert self.ctx.msr_cfg is not None
             full = finalize_config(self.ctx.msr_cfg)
             # every adapter any row may ask for, so one scorer serves all rows
             adapters = {**full.scorer.adapters, **cfg.scorer.adapters}
-            gen, sc = make_backends(full.model_copy(update={"scorer": full.scorer.model_copy(update={"adapters": adapters})}))
+            scorer = full.scorer.model_copy(update={"adapters": adapters})
+            gen, sc = make_backends(full.model_copy(update={"scorer": scorer}))
             self._shared = (gen, sc, SummaryStore(full.store))
         gen, sc, store = self._shared
         return build_services(cfg, self.ctx.dataset, generator=gen, scorer=sc, store=store)
@@ -185,7 +187,7 @@ class _LLMRunner:
                 "overrides": list(row.overrides)}
         scores = [r["scores"] for r in rows]
         cases = case_rows(test, scores, splits.cold_items)
-        for c, r in zip(cases, rows):
+        for c, r in zip(cases, rows, strict=True):
             c["summary"] = r["summary"]  # the preference text the recommender read (fidelity diagnostic)
         return {"metrics": _metrics(test, scores), "cases": cases,
                 "valid_metrics": _metrics(valid, [r["scores"] for r in vrows]) if valid else None, "info": info}

@@ -28,8 +28,8 @@ def fidelity_for(ctx: EvalContext, results: dict[str, dict], seed: int) -> dict 
         return None
     from mllm_msr.data.synth import default_benchmark_dir
     from mllm_msr.evaluation.fidelity import chain_fidelity
-    from mllm_msr.evaluation.run import _LLMRunner, row_config
     from mllm_msr.evaluation.rows import ROWS
+    from mllm_msr.evaluation.run import _LLMRunner, row_config
 
     cases = entry["per_seed"][seed]["cases"]
     s = _LLMRunner(ctx).services(row_config(ctx, ROWS[REFERENCE_ROW], seed))

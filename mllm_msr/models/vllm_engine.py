@@ -114,7 +114,8 @@ class VLLMInProcessBackend(ModelBackend):
         return scores
 
     def close(self) -> None:
-        llm, self.llm = getattr(self, "llm", None), None
+        llm = getattr(self, "llm", None)
+        self.llm = None  # type: ignore[assignment]  # closed
         if llm is not None:
             try:
                 llm.llm_engine.engine_core.shutdown()

@@ -47,7 +47,7 @@ class MiniLMEmbedding(EmbeddingFunction[Documents]):
         return {"path": self.path}
 
     @staticmethod
-    def build_from_config(config: dict[str, Any]) -> "MiniLMEmbedding":
+    def build_from_config(config: dict[str, Any]) -> MiniLMEmbedding:
         return MiniLMEmbedding(config.get("path"))
 
     def default_space(self) -> str:  # type: ignore[override]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,7 @@ def http_client(cfg: StoreConfig) -> Any:
                 admin.create_database(cfg.database)
             except UniqueConstraintError:
                 pass  # another process created it meanwhile
-    return chromadb.HttpClient(host=cfg.host, port=cfg.port, database=cfg.database)
+    return chromadb.HttpClient(host=str(cfg.host), port=cfg.port, database=cfg.database)
 
 
 class SummaryStore:
@@ -143,7 +144,7 @@ class SummaryStore:
                 metadatas=[{"item_id": s.item_id, "image_description": s.image_description,
                             "text_summary": s.text_summary, **(extra or {})} for s in rows])
 
-    def search_items(self, query: str, n: int, exclude: set[str] = frozenset(),
+    def search_items(self, query: str, n: int, exclude: AbstractSet[str] = frozenset(),
                      where: dict[str, Any] | None = None) -> list[tuple[str, float]]:
         """Item ids most similar to ``query`` (cosine similarity), skipping ``exclude``."""
         total = self.items.count()
