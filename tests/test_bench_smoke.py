@@ -97,7 +97,8 @@ def test_bench_scoring(env, tmp_path):
 
 
 def test_bench_pipeline(env, tmp_path):
-    row = bench("bench_pipeline", ["--users", "2", *SHORT], env, tmp_path / "r.json", timeout=600)
+    row = bench("bench_pipeline", ["--users", "2", *SHORT, "--set", "synth.n_users=20"], env, tmp_path / "r.json",
+                timeout=600)  # 20 users: 2 test users at 80/10/10
     b, o = row["baseline"], row["ours"]
     assert row["users"] == 2 and b["metrics"]["n_cases"] == o["metrics"]["n_cases"] == 2
     assert b["model_calls"]["scored_pairs"] == o["model_calls"]["scored_pairs"] == 2 * 21

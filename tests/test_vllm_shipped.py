@@ -37,7 +37,7 @@ def test_shipped_model_and_adapter_vllm_matches_transformers(tmp_path):
     from mllm_msr.models.embedded import ensure_default_model
     from mllm_msr.models.hf_backend import TransformersBackend
     from mllm_msr.models.vllm_engine import VLLMInProcessBackend
-    from mllm_msr.pipeline import SHIPPED_ADAPTER
+    from mllm_msr.pipeline import SHIPPED_RECENT_ADAPTER as SHIPPED_ADAPTER
 
     path = ensure_default_model()
     users = _users(tmp_path)

@@ -195,10 +195,14 @@ def render_adapters(weights: Path) -> str:
     lines = ["| adapter | trained with | train examples (users) | steps | SFT time | valid AUC zero-shot → adapter "
              "(1:20, users) |", "|---|---|---|---|---|---|"]
     for f in sorted(weights.glob("*/PROVENANCE.json")):
+        if not (f.parent / "adapter_config.json").is_file():
+            continue  # not a LoRA adapter (e.g. the vision tower)
         p = json.loads(f.read_text(encoding="utf-8"))
         d, tr = p.get("data", {}), p.get("training", {})
         zs, ad = (p.get("valid_zero_shot") or {}).get("metrics"), (p.get("valid_adapter") or {}).get("metrics")
-        valid = (f"{zs['auc']:.3f} → **{ad['auc']:.3f}** ({int(ad['n_cases'])})" if zs and ad else "–")
+        pairwise = (tr.get("eval") or {}).get("auc")
+        valid = (f"{zs['auc']:.3f} → **{ad['auc']:.3f}** ({int(ad['n_cases'])})" if zs and ad
+                 else f"not recorded (pairwise 1:1 valid AUC {pairwise:.3f})" if pairwise is not None else "–")
         lines.append(f"| `{f.parent.name}` | `{p.get('command', '?')}` | {d.get('sft_train_examples', '?')} "
                      f"({d.get('sft_train_users', '?')}) | {tr.get('global_step', '?')} | "
                      f"{tr.get('wall_s', float('nan')) / 60:.0f} min | {valid} |")
