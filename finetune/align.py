@@ -342,7 +342,7 @@ def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
     start, losses, elapsed0 = 0, [], 0.0
     if cfg.resume and ckpt.exists():
         st = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(st["vision"], strict=True)
+        model.load_state_dict(st["vision"], strict=False)
         opt.load_state_dict(st["opt"])
         start, losses, elapsed0 = st["step"], st["losses"], st.get("elapsed", 0.0)
         print(f"resumed from {ckpt} at step {start}", file=sys.stderr)
