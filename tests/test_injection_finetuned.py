@@ -16,7 +16,7 @@ candidates each, 6 test users of the adapter's own split; re-measure when an ada
 
 | adapter | mean abs dp | max abs dp | mean dp | AUC clean -> injected |
 |---|---|---|---|---|
-| rec_recent (MLLM-MSR + recent items: summary + recent item summaries + cover + title) | 0.037 | 0.171 | +0.014 | 0.821 -> 0.822 |
+| rec_recent (MLLM-MSR + recent items) | 0.037 | 0.171 | +0.014 | 0.821 -> 0.822 |
 | tallrec (TALLRec-style, titles only)     | 0.178 | 0.523 | +0.157 | 0.738 -> 0.686 |
 
 Stated tolerances (``TOLERANCES``): for MLLM-MSR, mean abs dp <= 0.08 (about 2x the measured
