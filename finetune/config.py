@@ -48,7 +48,8 @@ class SFTConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     epochs: float = Field(3.0, gt=0.0, description="Passes over the training examples (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1 = use epochs).")
-    batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
+    batch_size: int = Field(8, ge=1, description="Examples per forward pass, per process: under torchrun the "
+                                                  "effective batch is batch_size x processes x grad_accum.")
     grad_accum: int = Field(1, ge=1, description="Forward passes per optimizer step.")
     max_length: int = Field(1024, ge=16,
         description="Longest tokenised example (prompt + answer); longer ones are an error, never silently cut.")
@@ -85,6 +86,9 @@ class SFTConfig(BaseModel):
     positions: Literal["all", "block_ends"] = Field("all",
         description="Benchmark SFT cases: every history position after the first summary ('all', ~3x the data) or only"
                     " where a summary version ends ('block_ends').")
+    log_example_order: bool = Field(False,
+        description="Write the indices of the training examples each process drew, in order, to "
+                    "output_dir/example_order.rank{R}.json (an audit of how distributed training shards the data).")
     adapter_name: str = Field("rec",
         description="Adapter name used for evaluation requests (as RecommenderConfig.adapter).")
 

@@ -47,7 +47,8 @@ class SFTEncoder:
         """The chat template itself must render an assistant turn as prompt + answer + end token."""
         from mllm_msr.models.base import ChatRequest
 
-        full, _ = self.backend.render(ChatRequest(req.messages + ({"role": "assistant", "content": answer},)))
+        full, _ = self.backend.render(ChatRequest(req.messages + ({"role": "assistant", "content": answer},)),
+                                     continue_final=False)
         if not full.startswith(prompt + answer + self.end_token):
             raise ValueError("chat template does not render an assistant answer as "
                              f"<generation prompt>{answer}{self.end_token}: {full[len(prompt) - 40:]!r}")
@@ -137,12 +138,17 @@ class SFTCollator:
 
 
 class _ListDataset:
-    def __init__(self, rows: list[dict[str, Any]]):
+    """Encoded rows; ``seen`` (when given) records every index drawn, in order (the data audit)."""
+
+    def __init__(self, rows: list[dict[str, Any]], seen: list[int] | None = None):
         self.rows = rows
+        self.seen = seen
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        if self.seen is not None:
+            self.seen.append(int(i))
         return self.rows[i]
 

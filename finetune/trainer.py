@@ -7,10 +7,17 @@ full-vocabulary head on every position dominated a CPU step). The output folder 
 adapter (``adapter_config.json`` + ``adapter_model.safetensors``, fp16 by default) on the language
 model's projections only, rank <= 16, so both ``TransformersBackend(adapters={"rec": dir})`` and
 vLLM (``--enable-lora --lora-modules rec=dir``) load it.
+
+Distributed: run the same command under ``torchrun --nproc_per_node N`` (or ``accelerate launch``)
+and the Trainer trains with DDP (gloo on CPU, NCCL on GPUs), each process drawing its own shard of
+every epoch; only process 0 writes the log, the adapter and the metrics. Checkpoints hold the LoRA
+weights, optimizer, scheduler and step, so a run resumes under another number of processes (keep
+batch_size x processes fixed to keep the schedule).
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,6 +30,11 @@ from mllm_msr.finetune.examples import SFTExample, build_sft_examples
 from mllm_msr.metrics import auc_score
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process under torchrun / accelerate launch; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _hf_model(model):
@@ -52,6 +64,29 @@ def answer_loss(model, batch: Mapping[str, Any]):
     mask = tgt != -100
     logits = head(h[:, :-1][mask]).float()
     return F.cross_entropy(logits, tgt[mask])
+
+
+# what peft's causal-LM wrapper adds to every forward call; the answer-only loss needs none of it
+_WRAPPER_KW = ("output_attentions", "output_hidden_states", "return_dict", "inputs_embeds", "num_items_in_batch",
+               "use_cache")
+
+
+def route_loss_through_forward(peft_model) -> None:
+    """Make ``peft_model(**batch).loss`` the answer-only loss. The loss then runs inside the
+    model's forward, which is what DDP wraps (its gradient all-reduce is prepared there)."""
+    import types
+
+    from transformers.modeling_outputs import CausalLMOutput
+
+    hf = _hf_model(peft_model)
+
+    def forward(self, labels=None, **kw):
+        if kw.get("inputs_embeds") is not None:
+            raise ValueError("answer-only SFT takes input_ids, not inputs_embeds")
+        kw = {k: v for k, v in kw.items() if k not in _WRAPPER_KW}
+        return CausalLMOutput(loss=answer_loss(self, {**kw, "labels": labels}))
+
+    hf.forward = types.MethodType(forward, hf)
 
 
 def score_rows(model, rows: Sequence[dict[str, Any]], yes_id: int, no_id: int, pad_id: int,
@@ -148,14 +183,14 @@ def _make_trainer_cls():
         """Loss from the LM head at the labelled positions only; mean per micro-batch."""
 
         loss_is_scaled_for_ga = False
-        bf16_autocast = False  # set per run; the loss bypasses model.forward, so autocast is ours
+        bf16_autocast = False  # set per run (the Trainer's own bf16 flag would also cast the weights)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             import torch
 
             dev = inputs["input_ids"].device.type
             with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.bf16_autocast):
-                loss = answer_loss(model, inputs)
+                loss = model(**inputs).loss  # answer-only loss (route_loss_through_forward), via DDP if on
             return (loss, None) if return_outputs else loss
 
     return AnswerOnlyTrainer
@@ -211,6 +246,7 @@ def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], mo
     from mllm_msr.models.hf_backend import TransformersBackend
 
     t_start = time.perf_counter()
+    rank, world = process_rank()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     examples = build_sft_examples(examples)
@@ -231,6 +267,7 @@ def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], mo
     model.config.use_cache = False
     set_seed(cfg.seed)
     model = get_peft_model(model, lora_config(cfg, _n_layers(model)))
+    route_loss_through_forward(model)
     lora_modules = _check_lm_only(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.train()
@@ -245,9 +282,12 @@ def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], mo
         data_seed=cfg.seed, use_cpu=(be.device.type == "cpu"), report_to="none",
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not show_progress,
         label_names=["labels"], save_only_model=False,
+        ddp_backend=("gloo" if be.device.type == "cpu" else "nccl") if world > 1 else None,
+        ddp_find_unused_parameters=False if world > 1 else None,
     )
     bf16 = use_bf16(cfg, be.device.type)
-    trainer = _make_trainer_cls()(model=model, args=args, train_dataset=_ListDataset(rows),
+    seen: list[int] | None = [] if cfg.log_example_order else None
+    trainer = _make_trainer_cls()(model=model, args=args, train_dataset=_ListDataset(rows, seen),
                                   data_collator=SFTCollator(pad_id))
     trainer.bf16_autocast = bf16
     if resume_from_checkpoint is True:
@@ -258,6 +298,11 @@ def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], mo
     t1 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
     train_s = time.perf_counter() - t1
+    if seen is not None:
+        (out / f"example_order.rank{rank}.json").write_text(json.dumps(
+            {"rank": rank, "world_size": world, "examples": len(rows), "indices": seen}))
+    if not trainer.is_world_process_zero():  # process 0 writes the log, adapter and metrics
+        return {"global_step": trainer.state.global_step, "rank": rank, "world_size": world}
     history = trainer.state.log_history
     (out / "train_log.json").write_text(json.dumps(history, indent=1))
 
@@ -266,7 +311,7 @@ def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], mo
     (out / "sft_config.json").write_text(cfg.model_dump_json(indent=1))
     steps = trainer.state.global_step
     metrics: dict[str, Any] = {
-        "global_step": steps, "examples": len(examples),
+        "global_step": steps, "examples": len(examples), "processes": world,
         "positives": sum(ex.label == "yes" for ex in examples),
         "trainable_params": n_trainable, "lora_modules": len(lora_modules), "bf16": bf16,
         "train_loss": round(float(result.training_loss), 4),

@@ -127,22 +127,6 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     return float(v.mean()), half
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], seed: int = 0,
-                     n_resamples: int = 2000) -> dict[str, float]:
-    """Mean difference a-b over the same cases, its 95% interval, and P(diff <= 0) under resampling."""
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if x.shape != y.shape or x.size == 0:
-        raise ValueError("paired values must have the same non-zero length")
-    d = x - y
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, d.size, size=(n_resamples, d.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [0.025, 0.975])
-    return {"diff": float(d.mean()), "low": float(lo), "high": float(hi),
-            "p_le_zero": float((means <= 0).mean())}
-
-
-
-
 # ----------------------------------------------------------------- intervals over users
 # The unit of resampling is the user (one test case = one user's 1 positive + N negatives), so a
 # pooled metric such as AUC is recomputed on each resample of users, and a paired difference

@@ -88,6 +88,12 @@ class Prompt:
         safe = {k: (v if k == "items" else neutralise(v)) for k, v in values.items()}
         return (self.system.format(**safe) if self.system else None), self.user.format(**safe)
 
+    def prefill(self, **values: Any) -> str | None:
+        """The rendered ``assistant_prefix``: the answer starts with it and the model continues."""
+        if not self.assistant_prefix:
+            return None
+        return self.assistant_prefix.format(**{k: neutralise(v) for k, v in values.items() if k != "items"})
+
     def request(self, image_path: str | Path | None = None, adapter: str | None = None,
                 **values: Any) -> ChatRequest:
         """Render into a ChatRequest; the image part goes first or last as the file says."""
@@ -105,7 +111,7 @@ class Prompt:
                 parts = [img] + parts
         elif IMAGE_SLOT in user:
             raise PromptError(f"prompt {self.name!r} has an image slot but image is false")
-        return ChatRequest.user(parts, system=system, adapter=adapter)
+        return ChatRequest.user(parts, system=system, adapter=adapter, prefill=self.prefill(**values))
 
 
 def render_items(lines: list[tuple[str, str]]) -> str:
@@ -132,6 +138,9 @@ def load_prompt(name: str, directory: str | Path | None = None) -> Prompt:
         raise PromptError(f"{path}: declared variables {sorted(declared)} but the templates use "
                           f"{sorted(used)} (missing: {sorted(used - declared)}, unused: "
                           f"{sorted(declared - used)})")
+    if not _slots(spec.get("assistant_prefix")) <= declared - {"items"}:
+        raise PromptError(f"{path}: assistant_prefix uses {sorted(_slots(spec.get('assistant_prefix')))}; it may use "
+                          f"only declared variables other than 'items'")
     return Prompt(
         name=name, version=sha256_hex(raw, 12),
         variables=tuple(spec["variables"] or []), user=spec["user"].rstrip("\n"),

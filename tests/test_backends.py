@@ -98,6 +98,17 @@ def test_generate_with_and_without_image(hf, tiny_image):
     assert out == [hf.generate([r], max_new_tokens=6)[0] for r in reqs]
 
 
+def test_prefill_is_continued_not_answered_anew(hf):
+    plain = ChatRequest.user("Describe the cover.")
+    pre = ChatRequest.user("Describe the cover.", prefill="The cover shows")
+    text, _ = hf.render(pre)
+    assert text.endswith("The cover shows")  # no end-of-turn after the prefill
+    assert text.startswith(hf.render(plain)[0])  # the generation prompt, then the prefill
+    out = hf.generate([pre, plain], max_new_tokens=4)
+    assert out[0].startswith("The cover shows") and len(out[0]) > len("The cover shows")
+    assert out[0] == hf.generate([pre], max_new_tokens=4)[0]
+
+
 def test_yes_no_token_ids(hf):
     tok = hf.tokenizer
     assert tok.convert_ids_to_tokens(hf.yes_token_id) == "yes"
@@ -378,3 +389,11 @@ def test_three_backends_agree(vllm_server, vllm_inproc, hf, tiny_images, adapter
         assert max(abs(a - b) for a, b in zip(t, base, strict=True)) > 1e-3
     g = vllm_inproc.generate(reqs[:4], max_new_tokens=5)
     assert g == hf.generate(reqs[:4], max_new_tokens=5)
+    # a prefilled answer is continued the same way by all three (continue_final_message)
+    pre = [ChatRequest.user("Describe the cover.", adapter=adapter, prefill="The cover shows"),
+           ChatRequest.user([{"type": "image", "path": str(tiny_images[0])},
+                             {"type": "text", "text": "Describe it."}], adapter=adapter, prefill="It is")]
+    want = hf.generate(pre, max_new_tokens=5)
+    assert want[0].startswith("The cover shows") and want[1].startswith("It is")
+    assert vllm_inproc.generate(pre, max_new_tokens=5) == want
+    assert vllm_server.backend().generate(pre, max_new_tokens=5) == want

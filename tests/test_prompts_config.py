@@ -96,3 +96,16 @@ def test_layered_config(tmp_path: Path):
         load_config(None, ["memory.mode"])
     keys = {k for k, _, _ in describe()}
     assert "memory.block_size" in keys and all(h for _, _, h in describe())
+
+
+def test_assistant_prefix_renders_as_prefill_and_is_validated(tmp_path: Path):
+    p = load_prompt("item_fuse")
+    req = p.request(title="T", image_description="A dotted red star. <|im_end|>", text_summary="A film.")
+    # the answer starts with the (neutralised) image description; the model continues it
+    assert req.messages[-1]["role"] == "assistant"
+    assert req.prefill == "A dotted red star. This item is"
+    assert req.completed(" a mystery film. ") == "A dotted red star. This item is a mystery film."
+    assert load_prompt("item_text").request(title="T", text="x").prefill is None
+    (tmp_path / "bad.yaml").write_text("variables: [a]\nuser: 'hi {a}'\nassistant_prefix: 'Sure {b}'\n")
+    with pytest.raises(PromptError, match="assistant_prefix"):
+        load_prompt("bad", tmp_path)

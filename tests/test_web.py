@@ -60,7 +60,7 @@ def test_prompt_workbench_compares_two_prompt_folders_and_caches(tmp_path, synth
     edited = tmp_path / "mine"
     edited.mkdir()
     (edited / "user_block.yaml").write_text((PROMPT_DIR / "user_block.yaml").read_text()
-                                           .replace("one or two sentences", "one sentence"))
+                                           .replace("in their own words", "in a few words"))
     work = tmp_path / "work"
     da, db = complete_prompt_dir(PROMPT_DIR, work), complete_prompt_dir(edited, work)
     assert da != db and (db / "item_text.yaml").read_text() == (PROMPT_DIR / "item_text.yaml").read_text()
@@ -76,9 +76,9 @@ def test_prompt_workbench_compares_two_prompt_folders_and_caches(tmp_path, synth
     res = compare(mk, cases, da, db, work, show_progress=False)
     # only the user prompt differs: B re-used every item summary and redid the user summaries
     assert res["model_calls"]["B"]["item_summaries"] == 0 and res["model_calls"]["B"]["user_summaries"] > 0
-    assert set(res["diff_b_minus_a"]) >= {"hr@5", "ndcg@5"}
-    d = res["diff_b_minus_a"]["hr@5"]
-    assert d["low"] <= d["diff"] <= d["high"]
+    assert set(res["diff_b_minus_a"]) == {"auc", "hr@5", "mrr@5", "ndcg@5"}
+    for d in res["diff_b_minus_a"].values():  # user-paired bootstrap: B − A and its interval
+        assert d["low"] <= d["diff"] <= d["high"] and d["B"] - d["A"] == pytest.approx(d["diff"])
     again = compare(mk, cases, da, db, work, show_progress=False)
     nothing = {"item_summaries": 0, "user_summaries": 0, "scored_pairs": 0}
     assert again["model_calls"]["A"] == again["model_calls"]["B"] == nothing

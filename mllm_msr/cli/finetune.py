@@ -44,7 +44,7 @@ def sft_train(data: Path = typer.Option(..., help="JSONL rows {user_summary,labe
               eval_data: Path | None = typer.Option(None, help="Held-out JSONL (AUC after training)."),
               model_dir: Path | None = typer.Option(None, help="HF model folder (default: the embedded model)."),
               set_: list[str] | None = SftSetOpt, resume: bool = ResumeOpt) -> None:
-    """Train the LoRA adapter from a JSONL of examples."""
+    """Train the LoRA adapter from a JSONL of examples (DDP under `torchrun --nproc_per_node N -m mllm_msr.cli …`)."""
     from mllm_msr.finetune.examples import load_examples_jsonl
     from mllm_msr.finetune.trainer import train_sft
     from mllm_msr.models.embedded import ensure_default_model
@@ -54,7 +54,8 @@ def sft_train(data: Path = typer.Option(..., help="JSONL rows {user_summary,labe
     ev = load_examples_jsonl(eval_data) if eval_data else None
     res = train_sft(cfg, load_examples_jsonl(data), model_dir or ensure_default_model(), ev,
                     resume_from_checkpoint=resume or None)
-    print(json.dumps({k: v for k, v in res.items() if k != "loss"}, indent=1))
+    if "rank" not in res:  # under torchrun only process 0 reports
+        print(json.dumps({k: v for k, v in res.items() if k != "loss"}, indent=1))
 
 
 def benchmark_command(config: Path | None, msr_set: list[str], sets: list[str], work_dir: Path,

@@ -52,9 +52,11 @@ def prompts_diff(a: Path = typer.Argument(..., help="Prompt file A"),
 @app.command("eval")
 def prompts_eval(a: Path = typer.Argument(..., help="Prompt folder A (e.g. the packaged prompts/)."),
                  b: Path = typer.Argument(..., help="Prompt folder B (may hold only the changed files)."),
-                 users: int = typer.Option(8, help="Test users sampled (the same for both)."),
+                 users: int = typer.Option(8, help="Users scored (the first N of the split; the same for both)."),
+                 split: str = typer.Option("valid", help="'valid' (choose prompts here) or 'test' (report once)."),
                  config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
-    """Run two prompt versions on the same users; print metric differences (B − A) with 95% CIs."""
+    """Run two prompt versions on the same users; print metric differences (B − A) with 95% CIs.
+    Prompts are settings: choose them on validation users (the default), read the test set once."""
     from mllm_msr.data.protocol import build_splits
     from mllm_msr.evaluation.prompt_eval import compare, complete_prompt_dir, with_prompts
     from mllm_msr.pipeline import build_services, finalize_config, load_data, make_backends
@@ -65,12 +67,14 @@ def prompts_eval(a: Path = typer.Argument(..., help="Prompt folder A (e.g. the p
     work.mkdir(parents=True, exist_ok=True)
     da, db = complete_prompt_dir(a, work), complete_prompt_dir(b, work)
     ds = load_data(cfg)
-    cases = build_splits(ds, cfg.protocol).test[:users]
+    if split not in ("valid", "test"):
+        raise typer.BadParameter("expected 'valid' or 'test'", param_hint="--split")
+    cases = getattr(build_splits(ds, cfg.protocol), split)[:users]
     gen, sc = make_backends(cfg)
     store = SummaryStore(cfg.store)
     res = compare(lambda d: build_services(with_prompts(cfg, d), ds, generator=gen, scorer=sc, store=store),
                   cases, da, db, work)
-    t = Table(title=f"prompts B − A on {res['users']} users (paired bootstrap 95% CI)")
+    t = Table(title=f"prompts B − A on {res['users']} {split} users (paired bootstrap 95% CI over users)")
     for col in ("metric", "A", "B", "B − A", "95% CI"):
         t.add_column(col)
     for m, d in res["diff_b_minus_a"].items():

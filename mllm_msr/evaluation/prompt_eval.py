@@ -13,11 +13,9 @@ from pathlib import Path
 from mllm_msr.config import MSRConfig
 from mllm_msr.data.protocol import EvalCase
 from mllm_msr.hashing import sha256_hex
-from mllm_msr.metrics import paired_bootstrap, per_case_metrics
+from mllm_msr.metrics import USER_METRICS, user_bootstrap
 from mllm_msr.pipeline import Services, run_cases
 from mllm_msr.prompting import PROMPT_DIR, list_prompts, load_prompt
-
-METRICS = ("user_auc", "hr@5", "mrr@5", "ndcg@5")
 
 
 def complete_prompt_dir(folder: str | Path, work: Path) -> Path:
@@ -55,20 +53,18 @@ def with_prompts(cfg: MSRConfig, prompt_dir: Path) -> MSRConfig:
 def compare(services_for, cases: Sequence[EvalCase], dir_a: Path, dir_b: Path, work: Path,
             show_progress: bool = True) -> dict:
     """``services_for(prompt_dir) -> Services``; returns per-metric paired differences (B - A)."""
-    results = {}
-    per_case = {}
+    results, rows = {}, {}
     for side, d in (("A", dir_a), ("B", dir_b)):
         s: Services = services_for(d)
         res = run_cases(s, cases, work / f"run-{d.name}", show_progress=show_progress)
         results[side] = {k: v for k, v in res.items() if k != "rows"}
-        per_case[side] = per_case_metrics(cases, [r["scores"] for r in res["rows"]])
-    diffs = {}
-    for m in METRICS:
-        a, b = per_case["A"][m], per_case["B"][m]
-        pairs = [(x, y) for x, y in zip(a, b, strict=True) if x == x and y == y]  # drop NaN (single-class cases)
-        if pairs:
-            diffs[m] = {"A": sum(p[0] for p in pairs) / len(pairs), "B": sum(p[1] for p in pairs) / len(pairs),
-                        **paired_bootstrap([p[1] for p in pairs], [p[0] for p in pairs])}
+        rows[side] = [r["scores"] for r in res["rows"]]
+    # the one paired interval of the project: users resampled, both sides recomputed on them
+    boot = user_bootstrap(cases, rows["B"], other=rows["A"])
+    diffs = {m: {"A": boot[m]["value"] - boot[m]["diff"]["value"], "B": boot[m]["value"],
+                 "diff": boot[m]["diff"]["value"], "low": boot[m]["diff"]["low"],
+                 "high": boot[m]["diff"]["high"], "p_le_zero": boot[m]["diff"]["p_le_zero"]}
+             for m in USER_METRICS}
     return {"users": len(cases), "A": results["A"]["metrics"], "B": results["B"]["metrics"],
             "diff_b_minus_a": diffs,
             "model_calls": {"A": results["A"]["model_calls"], "B": results["B"]["model_calls"]}}

@@ -27,12 +27,28 @@ class ChatRequest:
 
     @staticmethod
     def user(parts: Sequence[dict[str, Any]] | str, system: str | None = None,
-             adapter: str | None = None) -> ChatRequest:
+             adapter: str | None = None, prefill: str | None = None) -> ChatRequest:
+        """A one-turn chat; ``prefill`` starts the assistant's answer (the model continues it)."""
         msgs: list[dict[str, Any]] = []
         if system:
             msgs.append({"role": "system", "content": system})
         msgs.append({"role": "user", "content": parts if isinstance(parts, str) else list(parts)})
+        if prefill:
+            msgs.append({"role": "assistant", "content": prefill})
         return ChatRequest(tuple(msgs), adapter)
+
+    @property
+    def prefill(self) -> str | None:
+        """The start of the answer when the chat ends with an assistant message: backends render
+        it without an end-of-turn (``continue_final_message``) and the model continues it."""
+        last = self.messages[-1] if self.messages else None
+        if last and last["role"] == "assistant" and isinstance(last["content"], str):
+            return str(last["content"])
+        return None
+
+    def completed(self, continuation: str) -> str:
+        """The whole answer: the prefill (if any) followed by what the model generated."""
+        return ((self.prefill or "") + continuation).strip()
 
     def image_paths(self) -> list[Path]:
         out: list[Path] = []

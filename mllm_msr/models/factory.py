@@ -188,7 +188,7 @@ class LangChainChatBackend(ModelBackend):
             text = str(r.text) if hasattr(r, "text") else str(r.content)
             usage = getattr(r, "usage_metadata", None) or {}
             self.stats["tokens_generated"] += int(usage.get("output_tokens", 0) or 0)
-            out.append(text.strip())
+            out.append(requests[i].completed(text))
         return out
 
     def score_yes_no(self, requests: Sequence[ChatRequest]) -> list[float]:

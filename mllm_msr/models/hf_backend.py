@@ -221,11 +221,15 @@ class TransformersBackend(ModelBackend):
                              else "".join(p["text"] for p in c)})
         return msgs, images
 
-    def render(self, req: ChatRequest) -> tuple[str, list[Any]]:
-        """The prompt text (chat template, generation prompt added) and the request's images."""
+    def render(self, req: ChatRequest, continue_final: bool | None = None) -> tuple[str, list[Any]]:
+        """The prompt text and the request's images. The chat template adds the generation prompt,
+        or, for a chat that ends with a prefilled answer, leaves that answer open so the model
+        continues it (``continue_final`` overrides: False renders a final answer as a closed turn)."""
         msgs, images = self._chat_and_images(req)
         templ = self.processor if self.processor is not None else self.tokenizer
-        text = templ.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        cont = req.prefill is not None if continue_final is None else continue_final
+        text = templ.apply_chat_template(msgs, add_generation_prompt=not cont, continue_final_message=cont,
+                                         tokenize=False)
         return text, images
 
     def _encode(self, texts: list[str], images: list[list[Any]], padding_side: str):
@@ -300,7 +304,7 @@ class TransformersBackend(ModelBackend):
                         text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
                         # a multi-byte character cut by max_new_tokens decodes as U+FFFD; drop it
                         # (what vLLM's incremental detokenizer does)
-                        out[i] = text.rstrip("\ufffd").strip()
+                        out[i] = requests[i].completed(text.rstrip("\ufffd"))
         return [o or "" for o in out]
 
     def _eos_ids(self) -> set[int]:

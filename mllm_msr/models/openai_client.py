@@ -251,14 +251,18 @@ class VLLMServerBackend(ModelBackend):
         self._count("generate_calls")
 
         def one(i: int) -> str:
-            kw = dict(model=self._model_for(requests[i]), messages=to_openai_messages(requests[i]),
-                      max_tokens=max_new_tokens, temperature=float(temperature))
-            return self._call(lambda ep: self._text(ep.client.chat.completions.create(**kw)),
+            req = requests[i]
+            kw: dict[str, Any] = dict(model=self._model_for(req), messages=to_openai_messages(req),
+                                      max_tokens=max_new_tokens, temperature=float(temperature))
+            if req.prefill is not None:  # vLLM's chat API continues the final assistant message
+                kw["extra_body"] = {"add_generation_prompt": False, "continue_final_message": True}
+            return self._call(lambda ep: req.completed(self._text(ep.client.chat.completions.create(**kw),
+                                                                  strip=False)),
                               f"generate {self._label(i, labels)}")
 
         return self._map(one, len(requests))
 
-    def _text(self, resp: Any) -> str:
+    def _text(self, resp: Any, strip: bool = True) -> str:
         try:
             content = resp.choices[0].message.content
         except (AttributeError, IndexError, TypeError) as exc:
@@ -267,7 +271,7 @@ class VLLMServerBackend(ModelBackend):
             raise _Malformed(f"no text content in {type(resp).__name__}")
         usage = getattr(resp, "usage", None)
         self._count("tokens_generated", int(getattr(usage, "completion_tokens", 0) or 0))
-        return content.strip()
+        return content.strip() if strip else content
 
     # -- score
     def score_yes_no(self, requests: Sequence[ChatRequest], *,

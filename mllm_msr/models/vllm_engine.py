@@ -69,17 +69,18 @@ class VLLMInProcessBackend(ModelBackend):
         """Outputs in request order, one ``llm.chat`` per adapter; with ``prime`` the first request
         of each group runs alone first, so the others hit its cached prefix blocks."""
         outs: list[Any] = [None] * len(requests)
-        groups: dict[str | None, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(r.adapter, []).append(i)
-        for adapter, idx in groups.items():
+        groups: dict[tuple[str | None, bool], list[int]] = {}
+        for i, r in enumerate(requests):  # chat-template flags are per call: prefilled chats apart
+            groups.setdefault((r.adapter, r.prefill is not None), []).append(i)
+        for (adapter, cont), idx in groups.items():
             if adapter is not None and adapter not in self._lora:
                 raise BackendError(f"unknown adapter {adapter!r}; loaded: {sorted(self._lora)}")
             lora = self._lora[adapter] if adapter else None
             parts = [idx[:1], idx[1:]] if prime and len(idx) > 1 else [idx]
             for part in parts:
                 res = self.llm.chat([to_openai_messages(requests[i]) for i in part], params,
-                                    use_tqdm=False, lora_request=lora)
+                                    use_tqdm=False, lora_request=lora,
+                                    add_generation_prompt=not cont, continue_final_message=cont)
                 for i, o in zip(part, res, strict=True):
                     outs[i] = o
         return outs
@@ -91,9 +92,9 @@ class VLLMInProcessBackend(ModelBackend):
         self.stats["generate_calls"] += 1
         params = SamplingParams(max_tokens=max_new_tokens, temperature=float(temperature))
         texts = []
-        for o in self._run(requests, params):
+        for r, o in zip(requests, self._run(requests, params), strict=True):
             self.stats["tokens_generated"] += len(o.outputs[0].token_ids)
-            texts.append(o.outputs[0].text.strip())
+            texts.append(r.completed(o.outputs[0].text))
         return texts
 
     def score_yes_no(self, requests: Sequence[ChatRequest]) -> list[float]:
