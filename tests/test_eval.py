@@ -152,6 +152,47 @@ def test_llm_rows_through_the_pipeline_and_result_files(ds, tmp_path):
     assert seen == []  # every LLM row cached
 
 
+class DyingScorer(LenScorer):
+    """LenScorer that fails on its ``die_at``-th call (a kill mid-row) and counts its calls."""
+
+    def __init__(self, die_at: int | None = None):
+        self.die_at, self.calls = die_at, 0
+
+    def score_yes_no(self, requests):
+        self.calls += 1
+        if self.calls == self.die_at:
+            raise RuntimeError("killed")
+        return super().score_yes_no(requests)
+
+
+def test_an_interrupted_llm_row_resumes_from_its_scored_users(ds, tmp_path):
+    cfg = load_config(None, [f"store.path={tmp_path / 'chroma'}", f"run_dir={tmp_path / 'run'}"])
+    from mllm_msr.stores.summaries import SummaryStore
+
+    store, chat = SummaryStore(cfg.store), _fake_chat()
+    scorer = DyingScorer(die_at=3)  # one call per user: users 1-2 are scored, the 3rd dies
+
+    def ctx_with(sc):
+        return EvalContext(dataset=ds, protocol=ProtocolConfig(), out_dir=tmp_path / "run", baseline_cfg=FAST,
+                           msr_cfg=cfg, users=4, valid_users=0, tune=False,
+                           services_factory=lambda c, d: build_services(c, d, generator=chat, scorer=sc, store=store))
+
+    first = run_eval(ctx_with(scorer), ["zero_shot"])
+    assert first["zero_shot"]["status"] == "failed"
+    partial = list((tmp_path / "run" / "eval" / "zero_shot").glob("0.partial-*/test.jsonl"))
+    assert len(partial) == 1 and len(partial[0].read_text().splitlines()) == 2
+    again = DyingScorer()
+    res = run_eval(ctx_with(again), ["zero_shot"])
+    assert res["zero_shot"]["status"] == "ok" and again.calls == 2  # only the 2 users not yet scored
+    clean = DyingScorer()
+    fresh = run_eval(EvalContext(dataset=ds, protocol=ProtocolConfig(), out_dir=tmp_path / "clean",
+                                 baseline_cfg=FAST, msr_cfg=cfg, users=4, valid_users=0, tune=False,
+                                 services_factory=lambda c, d: build_services(c, d, generator=chat, scorer=clean,
+                                                                              store=store)), ["zero_shot"])
+    assert res["zero_shot"]["per_seed"][0]["cases"] == fresh["zero_shot"]["per_seed"][0]["cases"]
+    assert not list((tmp_path / "run" / "eval" / "zero_shot").glob("0.partial-*"))  # folded into 0.json
+
+
 def test_smoke_runs_never_write_committed_results(ds, tmp_path):
     cfg = load_config(None, [f"store.path={tmp_path / 'chroma'}"])
     with pytest.raises(SmokeRunError):

@@ -28,7 +28,8 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a setting: key.sub=val
 NOISY_LOGGERS = ("transformers", "huggingface_hub", "vllm", "accelerate", "peft", "chromadb", "httpx",
                  "sentence_transformers", "urllib3")
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-             "VLLM_LOGGING_LEVEL": "ERROR"}
+             "VLLM_LOGGING_LEVEL": "ERROR",
+             "TORCH_CPP_LOG_LEVEL": "ERROR"}  # torch's C++ warnings (vLLM's CPU worker: NUMA binding)
 
 
 def library_output(verbose: bool) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -173,13 +174,17 @@ class _LLMRunner:
         gen, sc, store = self._shared
         return build_services(cfg, self.ctx.dataset, generator=gen, scorer=sc, store=store)
 
-    def run(self, row: Row, seed: int, splits: Splits, cfg: MSRConfig) -> dict:
+    def run(self, row: Row, seed: int, splits: Splits, cfg: MSRConfig, partial: Path | None = None) -> dict:
+        """Score the row's test and validation users; with ``partial`` (a folder), scored users are
+        appended there as they finish, so a killed evaluation resumes where it stopped."""
         s = self.services(cfg)
+        if partial is not None:
+            partial.mkdir(parents=True, exist_ok=True)
         test, valid = _test_cases(self.ctx, splits), _valid_cases(self.ctx, splits)
         timings: dict[str, float] = {}
         calls0 = (s.summarizer.model_calls, s.memory.model_calls, s.recommender.model_calls)
-        rows = score_cases(s, test, timings=timings)
-        vrows = score_cases(s, valid) if valid else []
+        rows = score_cases(s, test, timings=timings, resume_file=partial / "test.jsonl" if partial else None)
+        vrows = score_cases(s, valid, resume_file=partial / "valid.jsonl" if partial else None) if valid else []
         info = {"adapter": s.cfg.recommender.adapter, "timings_s": {k: round(v, 2) for k, v in timings.items()},
                 "model_calls": {"item_summaries": s.summarizer.model_calls - calls0[0],
                                 "user_summaries": s.memory.model_calls - calls0[1],
@@ -227,8 +232,10 @@ def run_eval(ctx: EvalContext, rows: Sequence[str], seeds: Sequence[int] = (0,))
                 continue
             t0 = time.perf_counter()
             try:
+                # an LLM row's scored users are kept under a folder named by its cache key (resume)
+                partial = eval_dir / key / f"{seed}.partial-{rkey}"
                 res = (_run_baseline(ctx, row, seed, splits) if row.kind == "baseline"
-                       else llm.run(row, seed, splits, llm_cfg))  # type: ignore[arg-type]
+                       else llm.run(row, seed, splits, llm_cfg, partial))  # type: ignore[arg-type]
             except Exception as e:  # one failing row must not lose the others
                 log.exception("row %s seed %s failed", key, seed)
                 entry.update(status="failed", reason=f"{type(e).__name__}: {e}")
@@ -243,5 +250,7 @@ def run_eval(ctx: EvalContext, rows: Sequence[str], seeds: Sequence[int] = (0,))
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(res), encoding="utf-8")
             tmp.replace(path)
+            if row.kind == "llm":
+                shutil.rmtree(partial, ignore_errors=True)  # the row's file now holds every user
             entry["per_seed"][seed] = res
     return results

@@ -52,6 +52,8 @@ class VLLMInProcessBackend(ModelBackend):
         if enable_lora:
             kw.update(enable_lora=True, max_lora_rank=max_lora_rank or lora_rank(self.adapters),
                       max_loras=max(1, len(self.adapters)))
+        # the weight-loading bar follows the quiet default (msr --verbose shows it)
+        kw["use_tqdm_on_load"] = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1"
         kw.update(llm_kwargs)
         self.llm = LLM(**kw)
         self._lora = {n: LoRARequest(n, k + 1, str(p)) for k, (n, p) in enumerate(self.adapters.items())}
