@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from _common import model_path, parity, recommend_requests, user_contexts, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHIPPED = Path(__file__).resolve().parent.parent / "mllm_msr" / "weights" / "rec_recent_adapter"
+SHIPPED = Path(__file__).resolve().parent.parent / "mllm_msr" / "weights" / "rec_adapter"  # the paper row's
 
 
 def candidates(images: list[Path], n: int):
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded", help="tiny | embedded | an HF folder")
     ap.add_argument("--adapter", default="shipped",
-                    help="'shipped' (mllm_msr/weights/rec_recent_adapter; embedded only), 'none' or a peft folder")
+                    help="'shipped' (mllm_msr/weights/rec_adapter; embedded only), 'none' or a peft folder")
     ap.add_argument("--users", type=int, default=12)
     ap.add_argument("--naive-users", type=int, default=3)
     ap.add_argument("--candidates", type=int, default=21)

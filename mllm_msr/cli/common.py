@@ -6,6 +6,7 @@ import fcntl
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,7 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a setting: key.sub=val
 # Loggers of the libraries under us: their INFO/WARNING chatter and their tqdm bars (GGUF
 # conversion, weight loading, shard writing) are hidden unless `msr --verbose`.
 NOISY_LOGGERS = ("transformers", "huggingface_hub", "vllm", "accelerate", "peft", "chromadb", "httpx",
-                 "sentence_transformers", "urllib3")
+                 "sentence_transformers", "urllib3", "torch")
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
              "VLLM_LOGGING_LEVEL": "ERROR",
              "TORCH_CPP_LOG_LEVEL": "ERROR"}  # torch's C++ warnings (vLLM's CPU worker: NUMA binding)
@@ -46,6 +47,9 @@ def library_output(verbose: bool) -> None:
             os.environ.setdefault(key, value)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
+    if not verbose:  # libraries' deprecation notices at import (e.g. vLLM's on torch.distributed)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
