@@ -28,11 +28,11 @@ class CountingChat(ModelBackend):
 
     @staticmethod
     def role(req: ChatRequest) -> str:
-        text = " ".join(p.get("text", "") for p in req.messages[-1]["content"]) \
-            if isinstance(req.messages[-1]["content"], list) else req.messages[-1]["content"]
+        text = " ".join(p.get("text", "") for p in req.user_content) \
+            if isinstance(req.user_content, list) else req.user_content
         if req.image_paths():
             return "image"
-        if "Cover:" in text:
+        if "Image:" in text or "Cover:" in text:
             return "fuse"
         return "user" if "user" in text.lower() else "text"
 
@@ -55,7 +55,7 @@ class OverlapScorer(ModelBackend):
     def score_yes_no(self, requests):
         out = []
         for r in requests:
-            text = " ".join(p.get("text", "") for p in r.messages[-1]["content"]).lower()
+            text = " ".join(p.get("text", "") for p in r.user_content).lower()
             summary = text.split("<data>")[1].split("</data>")[0]  # the preference text comes first
             title = text.split("candidate item title:")[1].split("</data>")[0].replace("<data>", "")
             words = [w for w in title.replace(":", " ").split() if len(w) > 3]

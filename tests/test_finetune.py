@@ -147,7 +147,7 @@ def test_titles_examples_and_prompt_show_history_titles_only():
     yes = [(e.user_summary, e.item.item_id) for e in exs if e.label == "yes"]
     assert yes == [("title 1 | title 2", "i3"), ("title 2 | title 3", "i4"), ("title 3 | title 4", "i5")]
     assert all(e.item.item_id not in seq for e in exs if e.label == "no") and len(exs) == 6
-    prompt = rec.request(exs[0].user_summary, catalog["i9"]).messages[-1]["content"]
+    prompt = rec.request(exs[0].user_summary, catalog["i9"]).user_content
     text = prompt if isinstance(prompt, str) else " ".join(p.get("text", "") for p in prompt)
     assert "title 1 | title 2" in text and "title 9" in text and "long text" not in text
 

@@ -38,6 +38,11 @@ class ChatRequest:
         return ChatRequest(tuple(msgs), adapter)
 
     @property
+    def user_content(self) -> str | list[dict[str, Any]]:
+        """The content of the last user message (a prefilled answer may follow it)."""
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
+    @property
     def prefill(self) -> str | None:
         """The start of the answer when the chat ends with an assistant message: backends render
         it without an end-of-turn (``continue_final_message``) and the model continues it."""
