@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from mllm_msr.data.schema import Item
 from mllm_msr.hashing import digest
-from mllm_msr.models.base import ModelBackend
+from mllm_msr.models.base import ChatRequest, ModelBackend
 from mllm_msr.prompting import load_prompt, neutralise, render_items
 from mllm_msr.stores.summaries import ItemSummary, SummaryStore, UserSummaryVersion
 
@@ -31,6 +31,9 @@ class MemoryConfig(BaseModel):
         description="recurrent = block by block (paper); direct = whole history at once (ablation).")
     block_size: int = Field(3, ge=1, description="Items per block in recurrent mode (paper default 3).")
     max_new_tokens: int = Field(60, description="Max new tokens per summary.")
+    adapter: str | None = Field("auto", description="LoRA adapter (name in generator.adapters) the memory writes "
+                                "with; null = the base model; auto = the shipped 'memory' adapter for the "
+                                "embedded default (trained by `msr finetune memory`), else the base model.")
     prompt_dir: str | None = Field(None, description="Folder of prompt files (default: the packaged prompts/).")
 
 
@@ -51,12 +54,15 @@ class UserMemory:
     llm: ModelBackend
     store: SummaryStore
     cfg: MemoryConfig
+    adapter_sha256: str | None = None  # weights hash of cfg.adapter (part of every version's key)
 
     def __post_init__(self) -> None:
         self.p_block = load_prompt("user_block", self.cfg.prompt_dir)
         self.p_direct = load_prompt("user_direct", self.cfg.prompt_dir)
         self.p_feedback = load_prompt("user_feedback", self.cfg.prompt_dir)
         self.model_calls = 0
+        # "auto" is resolved by the pipeline's finalize_config; unresolved it means the base model
+        self.adapter = None if self.cfg.adapter in (None, "auto") else self.cfg.adapter
 
     def _lines(self, ids: Sequence[str], catalog: Mapping[str, Item],
                summaries: Mapping[str, ItemSummary]) -> str:
@@ -68,6 +74,20 @@ class UserMemory:
         """Latest summary version per user; all users' step-b blocks go to the model as one batch."""
         if self.cfg.mode == "direct":
             return self._direct(histories, catalog, summaries, progress)
+        return {uid: vs[-1] for uid, vs in self.chains(histories, catalog, summaries, progress).items() if vs}
+
+    def block_request(self, previous: UserSummaryVersion | None, block: Sequence[str],
+                      catalog: Mapping[str, Item], summaries: Mapping[str, ItemSummary]) -> ChatRequest:
+        """The prompt of one recurrent step: the previous summary and the block's items."""
+        return self.p_block.request(adapter=self.adapter,
+                                    previous_summary=previous.summary if previous is not None else EMPTY_SUMMARY,
+                                    items=self._lines(block, catalog, summaries))
+
+    def chains(self, histories: Sequence[UserHistory], catalog: Mapping[str, Item],
+               summaries: Mapping[str, ItemSummary],
+               progress: Callable[[int], None] | None = None) -> dict[str, list[UserSummaryVersion]]:
+        """Every recurrent version per user, oldest first (version b covers blocks 0..b)."""
+        chain: dict[str, list[UserSummaryVersion]] = {h.user_id: [] for h in histories}
         latest: dict[str, UserSummaryVersion | None] = {h.user_id: None for h in histories}
         plans = {h.user_id: blocks_of(len(h.items), self.cfg.block_size) for h in histories}
         by_user = {h.user_id: h for h in histories}
@@ -81,19 +101,18 @@ class UserMemory:
                 prev = latest[uid]
                 block = h.items[s:e]
                 key = digest("user", uid, prev.key if prev else None, [summaries[i].key for i in block],
-                             self.p_block.version, self.llm.model_id)
+                             self.p_block.version, self.llm.model_id, *self._adapter_key())
                 hit = self.store.get_user_version(key)
                 if hit is not None:
                     latest[uid] = hit
+                    chain[uid].append(hit)
                     if progress:
                         progress(1)
                 else:
                     todo.append((uid, key, block, h.timestamps[e - 1] if h.timestamps else float(e)))
             if not todo:
                 continue
-            reqs = [self.p_block.request(
-                previous_summary=v.summary if (v := latest[uid]) is not None else EMPTY_SUMMARY,
-                items=self._lines(block, catalog, summaries)) for uid, _, block, _ in todo]
+            reqs = [self.block_request(latest[uid], block, catalog, summaries) for uid, _, block, _ in todo]
             outs = self.llm.generate(reqs, max_new_tokens=self.cfg.max_new_tokens)
             self.model_calls += len(reqs)
             new = []
@@ -103,11 +122,19 @@ class UserMemory:
                 v = UserSummaryVersion(uid, step, key, neutralise(text), covered, ts, self.p_block.version,
                                        self.llm.model_id)
                 latest[uid] = v
+                chain[uid].append(v)
                 new.append(v)
             self.store.put_user_versions(new)  # written per step: an interruption keeps finished steps
             if progress:
                 progress(len(new))
-        return {uid: v for uid, v in latest.items() if v is not None}
+        return chain
+
+    def _adapter_key(self) -> tuple[str, ...]:
+        """What a stored version depends on beyond prompt and model: the memory adapter's weights
+        (nothing for the base model, so versions written before adapters existed stay valid)."""
+        if self.adapter is None:
+            return ()
+        return (self.adapter, self.adapter_sha256 or "")
 
     def _direct(self, histories: Sequence[UserHistory], catalog: Mapping[str, Item],
                 summaries: Mapping[str, ItemSummary],
@@ -118,14 +145,15 @@ class UserMemory:
             if not h.items:
                 continue
             key = digest("user-direct", h.user_id, [summaries[i].key for i in h.items],
-                         self.p_direct.version, self.llm.model_id)
+                         self.p_direct.version, self.llm.model_id, *self._adapter_key())
             hit = self.store.get_user_version(key)
             if hit is not None:
                 out[h.user_id] = hit
             else:
                 todo.append((h, key))
         if todo:
-            outs = self.llm.generate([self.p_direct.request(items=self._lines(h.items, catalog, summaries))
+            outs = self.llm.generate([self.p_direct.request(adapter=self.adapter,
+                                                            items=self._lines(h.items, catalog, summaries))
                                       for h, _ in todo], max_new_tokens=self.cfg.max_new_tokens)
             self.model_calls += len(todo)
             new = [UserSummaryVersion(h.user_id, 0, key, neutralise(text), tuple(h.items),
@@ -142,6 +170,7 @@ class UserMemory:
                       feedback: str) -> UserSummaryVersion:
         """A chat message becomes a new stored summary version (source='feedback')."""
         prev_text = current.summary if current else EMPTY_SUMMARY
+        # the base model: the memory adapter is trained on block updates, not on chat feedback
         text = self.llm.generate([self.p_feedback.request(previous_summary=prev_text, feedback=feedback)],
                                  max_new_tokens=self.cfg.max_new_tokens)[0]
         text = neutralise(text)

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,33 +234,59 @@ def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], mo
               eval_examples: Sequence[SFTExample | Sequence[Any]] | None = None, *,
               resume_from_checkpoint: bool | str | None = None, show_progress: bool = True
               ) -> dict[str, Any]:
-    """Train the LoRA adapter; write it to ``cfg.output_dir``; return metrics.
+    """Train the recommender's LoRA adapter; write it to ``cfg.output_dir``; return metrics.
 
     ``resume_from_checkpoint``: True = the latest checkpoint in ``output_dir/checkpoints``, or a
     checkpoint folder. Metrics: steps, wall time, loss-curve summary, and (with ``eval_examples``)
     held-out AUC / accuracy scored through ``TransformersBackend`` with the saved adapter."""
+    from mllm_msr.models.hf_backend import TransformersBackend
+
+    t_start = time.perf_counter()
+    examples = build_sft_examples(examples)
+    if not examples:
+        raise ValueError("no training examples")
+    be = TransformersBackend(model_dir, max_length=cfg.max_length, threads=cfg.threads)
+    enc = SFTEncoder(be, use_images=cfg.use_images, max_length=cfg.max_length, history=cfg.history)
+    metrics = train_lora(cfg, lambda: enc.encode_all(examples), be,
+                         resume_from_checkpoint=resume_from_checkpoint, show_progress=show_progress,
+                         extra={"examples": len(examples), "positives": sum(ex.label == "yes" for ex in examples)})
+    if "rank" in metrics:
+        return metrics
+    out = Path(cfg.output_dir)
+    if eval_examples:
+        ev = evaluate_adapter(model_dir, out, build_sft_examples(eval_examples), use_images=cfg.use_images,
+                              batch_size=cfg.eval_batch_size, adapter_name=cfg.adapter_name,
+                              history=cfg.history)
+        metrics["eval"] = {k: v for k, v in ev.items() if k != "scores"}
+    metrics["wall_s"] = round(time.perf_counter() - t_start, 2)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def train_lora(cfg: SFTConfig, encode: Callable[[], list[dict[str, Any]]], be, *,
+               resume_from_checkpoint: bool | str | None = None, show_progress: bool = True,
+               extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """LoRA training of ``be``'s model (a :class:`TransformersBackend`, no adapter loaded) on rows
+    ``encode()`` returns (``input_ids``, ``labels`` with -100 outside the completion, optional
+    pixel inputs). Loss on the labelled positions only. Writes the adapter, ``train_log.json`` and
+    ``sft_config.json`` to ``cfg.output_dir``; returns the training metrics. Shared by the
+    recommender (yes/no answers) and the user memory (summaries, :mod:`mllm_msr.finetune.memory`)."""
     import torch
     from peft import get_peft_model
     from transformers import TrainingArguments, set_seed
-
-    from mllm_msr.models.hf_backend import TransformersBackend
 
     t_start = time.perf_counter()
     rank, world = process_rank()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    examples = build_sft_examples(examples)
-    if not examples:
-        raise ValueError("no training examples")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
-
     set_seed(cfg.seed)
-    be = TransformersBackend(model_dir, max_length=cfg.max_length)
-    enc = SFTEncoder(be, use_images=cfg.use_images, max_length=cfg.max_length, history=cfg.history)
     t0 = time.perf_counter()
-    rows = enc.encode_all(examples)
+    rows = encode()
+    if not rows:
+        raise ValueError("no training rows")
     encode_s = time.perf_counter() - t0
     pad_id = be.tokenizer.pad_token_id
     model = be.model
@@ -311,8 +337,7 @@ def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], mo
     (out / "sft_config.json").write_text(cfg.model_dump_json(indent=1))
     steps = trainer.state.global_step
     metrics: dict[str, Any] = {
-        "global_step": steps, "examples": len(examples), "processes": world,
-        "positives": sum(ex.label == "yes" for ex in examples),
+        "global_step": steps, **(extra or {}), "rows": len(rows), "processes": world,
         "trainable_params": n_trainable, "lora_modules": len(lora_modules), "bf16": bf16,
         "train_loss": round(float(result.training_loss), 4),
         "loss": _loss_summary(history),
@@ -321,14 +346,9 @@ def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], mo
         "adapter_bytes": (out / "adapter_model.safetensors").stat().st_size,
         "resumed_from": str(resume_from_checkpoint) if resume_from_checkpoint else None,
     }
-    del trainer, model, be
-    if eval_examples:
-        ev = evaluate_adapter(model_dir, out, build_sft_examples(eval_examples), use_images=cfg.use_images,
-                              batch_size=cfg.eval_batch_size, adapter_name=cfg.adapter_name,
-                              history=cfg.history)
-        metrics["eval"] = {k: v for k, v in ev.items() if k != "scores"}
+    del trainer, model
+    be.close()
     metrics["wall_s"] = round(time.perf_counter() - t_start, 2)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
 

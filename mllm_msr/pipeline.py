@@ -48,6 +48,7 @@ WEIGHTS = Path(__file__).resolve().parent / "weights"
 SHIPPED_ADAPTER = WEIGHTS / "rec_adapter"
 SHIPPED_TALLREC_ADAPTER = WEIGHTS / "tallrec_adapter"
 SHIPPED_RECENT_ADAPTER = WEIGHTS / "rec_recent_adapter"
+SHIPPED_MEMORY_ADAPTER = WEIGHTS / "memory_adapter"
 # adapter name → shipped folder (trained for the embedded default on the bundled benchmark):
 # "rec" = MLLM-MSR (the paper's input), "tallrec" = titles-only baseline, "rec_recent" = the
 # recent-items extension
@@ -78,11 +79,39 @@ def finalize_config(cfg: MSRConfig) -> MSRConfig:
                 adapters[n] = str(folder)
     if adapters != cfg.scorer.adapters:
         cfg = cfg.model_copy(update={"scorer": cfg.scorer.model_copy(update={"adapters": adapters})})
+    cfg = _finalize_memory_adapter(cfg)
     name = cfg.recommender.adapter
     if name is None or name in adapters:
         return cfg
     log.warning("no LoRA adapter %r configured or shipped for %s: scoring zero-shot", name, cfg.scorer.model)
     return cfg.model_copy(update={"recommender": cfg.recommender.model_copy(update={"adapter": None})})
+
+
+def _finalize_memory_adapter(cfg: MSRConfig) -> MSRConfig:
+    """The memory's LoRA on the generator: the shipped one for the embedded default, or the base
+    model when the wanted adapter is neither configured nor shipped."""
+    name = cfg.memory.adapter
+    if name is None:
+        return cfg
+    gen = dict(cfg.generator.adapters)
+    if name == "auto":
+        if "memory" in gen:
+            name = "memory"
+        elif cfg.generator.model == "embedded" and (SHIPPED_MEMORY_ADAPTER / "adapter_config.json").exists():
+            name, gen["memory"] = "memory", str(SHIPPED_MEMORY_ADAPTER)
+            cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(update={"adapters": gen})})
+        else:
+            name = None
+    elif name not in gen:
+        log.warning("no memory adapter %r in generator.adapters: the memory writes with the base model", name)
+        name = None
+    return cfg.model_copy(update={"memory": cfg.memory.model_copy(update={"adapter": name})})
+
+
+def memory_adapter_folder(cfg: MSRConfig) -> str | None:
+    """The folder of the adapter the user memory writes with (None: the base model)."""
+    name = cfg.memory.adapter
+    return cfg.generator.adapters.get(name) if name and name != "auto" else None
 
 
 def adapter_folder(cfg: MSRConfig) -> str | None:
@@ -99,15 +128,21 @@ _warned_no_record: set[str] = set()
 
 
 def adapter_leak(cfg: MSRConfig, dataset: Dataset, user_ids: Sequence[str]) -> str | None:
-    """Why scoring ``user_ids`` with the config's adapter would leak (None: it would not).
+    """Why scoring ``user_ids`` with the config's LoRA adapters would leak (None: it would not).
 
-    The adapter's ``PROVENANCE.json`` records the dataset fingerprint and the ids of the users it
-    was trained on. On the same data (same fingerprint), scoring any of those users is a leak.
-    An adapter without such a record gets a warning (it cannot be checked)."""
-    folder = adapter_folder(cfg)
-    if folder is None:
-        return None
-    name = cfg.recommender.adapter
+    Both adapters are checked: the recommender's and the user memory's. An adapter's
+    ``PROVENANCE.json`` records the dataset fingerprint and the ids of the users it was trained on.
+    On the same data (same fingerprint), scoring any of those users is a leak. An adapter without
+    such a record gets a warning (it cannot be checked)."""
+    for role, name, folder in (("recommender", cfg.recommender.adapter, adapter_folder(cfg)),
+                               ("memory", cfg.memory.adapter, memory_adapter_folder(cfg))):
+        why = _leak(role, name, folder, dataset, user_ids) if folder else None
+        if why:
+            return why
+    return None
+
+
+def _leak(role: str, name: str | None, folder: str, dataset: Dataset, user_ids: Sequence[str]) -> str | None:
     prov_file = Path(folder) / "PROVENANCE.json"
     data: dict = {}
     if prov_file.is_file():
@@ -120,15 +155,15 @@ def adapter_leak(cfg: MSRConfig, dataset: Dataset, user_ids: Sequence[str]) -> s
     if trained is None or fp is None:
         if folder not in _warned_no_record:
             _warned_no_record.add(folder)
-            log.warning("adapter %r (%s) has no record of its training users in PROVENANCE.json: "
-                        "cannot check that the users it scores were not its training users", name, folder)
+            log.warning("%s adapter %r (%s) has no record of its training users in PROVENANCE.json: "
+                        "cannot check that the users it scores were not its training users", role, name, folder)
         return None
     if fp != dataset.fingerprint()["digest"]:
         return None  # trained on other data: other users altogether
     overlap = sorted(set(trained) & set(user_ids))
     if not overlap:
         return None
-    return (f"adapter {name!r} ({folder}) was trained on {len(overlap)} of the {len(set(user_ids))} users to "
+    return (f"{role} adapter {name!r} ({folder}) was trained on {len(overlap)} of the {len(set(user_ids))} users to "
             f"score (e.g. {', '.join(overlap[:5])}) on this dataset ({fp}): their scores would leak training "
             "data; score held-out users (the split's valid/test users) or another adapter")
 
@@ -184,7 +219,8 @@ def make_backends(cfg: MSRConfig) -> tuple[ModelBackend, ModelBackend]:
     """(generator, scorer); one shared instance when both roles use the same model and backend."""
     gen_cfg, sc_cfg = cfg.generator, cfg.scorer
     if gen_cfg.model_dump(exclude={"adapters"}) == sc_cfg.model_dump(exclude={"adapters"}):
-        shared = LazyBackend(sc_cfg)  # adapters apply per request; generation uses the base model
+        # one instance serves both roles; adapters apply per request (the memory's and the scorer's)
+        shared = LazyBackend(sc_cfg.model_copy(update={"adapters": {**gen_cfg.adapters, **sc_cfg.adapters}}))
         return shared, shared
     return LazyBackend(gen_cfg), LazyBackend(sc_cfg)
 
@@ -263,7 +299,7 @@ def build_services(cfg: MSRConfig, dataset: Dataset, *, generator: ModelBackend 
         cfg=cfg,
         dataset=dataset,
         summarizer=ItemSummarizer(generator, generator, store, cfg.items),
-        memory=UserMemory(generator, store, cfg.memory),
+        memory=UserMemory(generator, store, cfg.memory, adapter_sha256(memory_adapter_folder(cfg))),
         recommender=Recommender(scorer, cfg.recommender),
         store=store,
         retrieve_n=cfg.retrieve_n,

@@ -283,3 +283,112 @@ def test_row_cache_key_follows_only_the_rows_own_adapter(ds, tmp_path):
     (tmp_path / "rec" / "adapter_model.safetensors").write_bytes(b"retrained")
     after = {r: row_key(ctx, ROWS[r], 0, row_config(ctx, ROWS[r], 0)) for r in ("zero_shot", "mllm_msr")}
     assert after["zero_shot"] == keys["zero_shot"] and after["mllm_msr"] != keys["mllm_msr"]
+
+
+# ------------------------------------------------------------- committed rows (results/<dataset>/rows)
+
+@pytest.fixture
+def suite(ds, synth_root, tmp_path, monkeypatch):
+    """``run(rows, out, results="results", **kw)``: `run_suite` with the fake LLM and fast baselines;
+    ``counts`` holds the baseline fits and the LLM's scored pairs of every run."""
+    from mllm_msr.stores.summaries import SummaryStore
+
+    cfg = load_config(None, [f"store.path={tmp_path / 'chroma'}", f"dataset={synth_root}",
+                             _fake_adapters(tmp_path)])
+    counts: dict = {"fits": [], "scored": 0}
+    for name, cls in baselines.BASELINES.items():
+        monkeypatch.setattr(cls, "fit", lambda self, *a, _orig=cls.fit, _name=name, **k:
+                            counts["fits"].append(_name) or _orig(self, *a, **k))
+
+    class Counting(LenScorer):
+        def score_yes_no(self, requests):
+            counts["scored"] += len(requests)
+            return super().score_yes_no(requests)
+
+    def run(rows, out, results="results", command=None, **kw):
+        store = SummaryStore(cfg.store.model_copy(update={"path": str(tmp_path / f"chroma-{out}")}))
+        chat = _fake_chat()
+        return run_suite(cfg, ds, rows, tmp_path / out, results_dir=tmp_path / results if results else None,
+                         valid_users=2, baseline_cfg=FAST, tune=False, n_resamples=50,
+                         command=command or f"msr eval --rows {','.join(rows)}",
+                         services_factory=lambda c, d: build_services(c, d, generator=chat, scorer=Counting(),
+                                                                      store=store), **kw)
+
+    return run, counts
+
+
+def test_committed_rows_accumulate_pair_with_the_committed_reference_and_are_reused(suite, tmp_path, monkeypatch):
+    from mllm_msr.evaluation import suite as suite_mod
+
+    run, counts = suite
+    fidelity_runs = []
+    monkeypatch.setattr(suite_mod, "fidelity_for",
+                        lambda ctx, res, seed: fidelity_runs.append(seed) or {"fused item summary": {"n": 4}})
+    run(["mllm_msr"], "out")
+    assert counts["scored"] > 0 and counts["fits"] == [] and fidelity_runs == [0]
+    assert (tmp_path / "results" / "rows" / "mllm_msr" / "0.json.gz").is_file()
+    counts.update(fits=[], scored=0)
+    second = run(["popularity"], "out")
+    assert counts == {"fits": ["popularity"], "scored": 0}  # only the new row is computed
+    saved = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert list(saved["rows"]) == ["popularity", "mllm_msr"]  # the order of ROWS
+    pop, ref = (saved["rows"][k]["test"]["all"]["auc"] for k in ("popularity", "mllm_msr"))
+    assert pop["diff"]["value"] == pytest.approx(pop["value"] - ref["value"])  # paired with the committed row
+    assert saved["rows"]["mllm_msr"]["command"] == "msr eval --rows mllm_msr"
+    assert saved["rows"]["popularity"]["command"] == "msr eval --rows popularity"
+    assert saved["fidelity"] == {"fused item summary": {"n": 4}} and fidelity_runs == [0]
+    table = (tmp_path / "results" / "table.md").read_text()
+    assert "* MLLM-MSR: `msr eval --rows mllm_msr`" in table and "* Popularity: `msr eval --rows popularity`" in table
+
+    counts.update(fits=[], scored=0)  # a fresh clone: an empty working folder reuses every committed row
+    fresh = run(["popularity", "mllm_msr"], "fresh", command="msr eval --rows default")
+    assert counts == {"fits": [], "scored": 0} and fidelity_runs == [0]
+    assert json.dumps(fresh["rows"], sort_keys=True) == json.dumps(second["rows"], sort_keys=True)
+    assert fresh["fidelity"] == saved["fidelity"]
+
+    smoke = run(["popularity"], "smoke", results=None, users=2)  # its own users: nothing committed is merged
+    assert list(smoke["rows"]) == ["popularity"] and smoke["rows"]["popularity"]["n_cases"] == 2
+
+
+def test_a_committed_row_on_other_test_users_or_data_is_left_out(suite, tmp_path, caplog):
+    from mllm_msr.evaluation import store
+
+    run, _ = suite
+    run(["popularity"], "out")
+    rec = store.load(store.row_path(tmp_path / "results", "popularity", 0))
+    assert rec is not None and rec["command"] == "msr eval --rows popularity"
+    other_users = json.loads(json.dumps(rec)) | {"row": "gru4rec"}
+    other_users["cases"][0]["user_id"] = "someone else"
+    other_data = json.loads(json.dumps(rec)) | {"row": "sasrec_image"}
+    other_data["dataset"] = {**rec["dataset"], "digest": "another"}
+    for r in (other_users, other_data, json.loads(json.dumps(rec)) | {"row": "sasrec"}):
+        store.save(tmp_path / "results", r)
+    with caplog.at_level("WARNING"):
+        payload = run(["popularity"], "out")
+    assert list(payload["rows"]) == ["popularity", "sasrec"]  # same users: kept; the others: left out
+    assert "committed row gru4rec left out" in caplog.text and "committed row sasrec_image" in caplog.text
+
+
+def test_committed_row_files_are_byte_identical_across_identical_runs(suite, tmp_path, monkeypatch):
+    import time
+
+    from mllm_msr import pipeline
+    from mllm_msr.evaluation import run as run_mod
+
+    class Frozen:  # timings recorded in the rows: identical runs must give identical files
+        perf_counter = staticmethod(lambda: 0.0)
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+    for mod in (run_mod, pipeline):
+        monkeypatch.setattr(mod, "time", Frozen())
+    run, _ = suite
+    run(["popularity", "mllm_msr"], "a", results="ra")
+    run(["popularity", "mllm_msr"], "b", results="rb")
+    files = sorted(p.relative_to(tmp_path / "ra") for p in (tmp_path / "ra" / "rows").rglob("*.json.gz"))
+    assert [str(f) for f in files] == ["rows/mllm_msr/0.json.gz", "rows/popularity/0.json.gz"]
+    assert all((tmp_path / "ra" / f).read_bytes() == (tmp_path / "rb" / f).read_bytes() for f in files)
+    before = {f: (tmp_path / "ra" / f).stat().st_mtime_ns for f in files}
+    run(["popularity", "mllm_msr"], "c", results="ra")  # reused: the files are not even rewritten
+    assert {f: (tmp_path / "ra" / f).stat().st_mtime_ns for f in files} == before

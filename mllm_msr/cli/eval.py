@@ -21,8 +21,10 @@ def eval_cmd(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
              users: int | None = typer.Option(None, help="Cap on test users (a smoke run: cannot write --results)."),
              valid_users: int = typer.Option(100, help="Validation users scored per row (test protocol)."),
              out: Path | None = typer.Option(None, help="Working folder (default: run_dir); OUT/eval/ is the cache."),
-             results: Path | None = typer.Option(None, help="Also write results.json, table.md and plots here "
-                                                 "(the committed results/<dataset>/ folder)."),
+             results: Path | None = typer.Option(None, help="The committed results/<dataset>/ folder: keep each "
+                                                 "row's per-user record in RESULTS/rows/ (reused while its settings "
+                                                 "are unchanged) and write results.json, table.md and plots there "
+                                                 "for every comparable row committed so far."),
              baseline: list[str] | None = typer.Option(None, "--baseline", "-b", help="Baseline setting key=value "
                                                        "(repeatable), e.g. epochs=40."),
              tune: bool = typer.Option(True, help="Choose each baseline's settings on validation (a small grid)."),

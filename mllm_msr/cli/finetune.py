@@ -94,6 +94,35 @@ def sft_benchmark(config: Path | None = typer.Option(None, "--config", "-c", hel
     print(json.dumps(res.get("metrics", res), indent=1))
 
 
+@app.command("memory")
+def memory_cmd(config: Path | None = typer.Option(None, "--config", "-c", help="MSR YAML config."),
+               msr_set: list[str] | None = typer.Option(None, "--msr-set",
+                                                        help="MSRConfig override key.sub=value (repeatable)."),
+               set_: list[str] | None = typer.Option(None, "--set", "-s", help="MemorySFTConfig override key=value "
+                                                     "(repeatable; LoRA settings as lora.KEY=VALUE)."),
+               work_dir: Path = typer.Option(Path("runs/memory_sft"), help="Where the store, samples and adapter go."),
+               ship: Path | None = typer.Option(None, help="Copy the adapter + PROVENANCE.json here "
+                                                "(e.g. mllm_msr/weights/memory_adapter)."),
+               resume: bool = ResumeOpt) -> None:
+    """Expert iteration of the user memory: sample block updates of training users, keep those whose words
+    retrieve the user's next items, LoRA-train the memory on them, report validation before/after."""
+    from mllm_msr.config import apply_overrides
+    from mllm_msr.finetune.memory import MemorySFTConfig, run_memory_sft
+
+    try:
+        mcfg = apply_overrides(MemorySFTConfig, set_ or [])
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from e
+    _progress_logs()
+    args = ["msr", "finetune", "memory", "--work-dir", str(work_dir)]
+    args += ["--config", str(config)] if config else []
+    args += [a for x in msr_set or [] for a in ("--msr-set", x)] + [a for x in set_ or [] for a in ("--set", x)]
+    args += (["--ship", str(ship)] if ship else []) + (["--resume"] if resume else [])
+    res = run_memory_sft(config, msr_set or [], mcfg, work_dir, ship, shlex.join(args), resume)
+    print(json.dumps(res, indent=1, default=str))
+
+
 @sft_app.command("merge")
 def sft_merge(model_dir: Path = typer.Option(..., help="Base HF model folder."),
               adapter: Path = typer.Option(..., help="LoRA adapter folder."),

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mllm_msr.evaluation.rows import REFERENCE_ROW
+from mllm_msr.evaluation.rows import REFERENCE_ROW, ROWS
 from mllm_msr.metrics import user_bootstrap
 
 TABLE_METRICS: tuple[tuple[str, str], ...] = (("auc", "AUC"), ("hr@5", "HR@5"), ("mrr@5", "MRR@5"),
@@ -58,11 +58,12 @@ def row_stats(cases: list[dict], reference: list[dict] | None, n_resamples: int 
 
 
 def build_results(results: dict[str, dict], seed: int, meta: dict[str, Any], n_resamples: int = 2000) -> dict:
-    """The machine-readable result of one evaluation (``results.json``)."""
+    """The machine-readable result of one evaluation (``results.json``); rows in the order of ``ROWS``."""
     ref_entry = results.get(REFERENCE_ROW)
     ref_cases = ref_entry["per_seed"][seed]["cases"] if ref_entry and seed in ref_entry["per_seed"] else None
+    order = {k: i for i, k in enumerate(ROWS)}
     rows: dict[str, Any] = {}
-    for key, e in results.items():
+    for key, e in sorted(results.items(), key=lambda kv: order.get(kv[0], len(order))):
         r = e["per_seed"].get(seed)
         row: dict[str, Any] = {"label": e["label"], "kind": e["kind"], "sees": e["sees"], "status": e["status"],
                                "reason": e["reason"], "block_size": e["block_size"]}
@@ -70,7 +71,8 @@ def build_results(results: dict[str, dict], seed: int, meta: dict[str, Any], n_r
             paired = ref_cases if (ref_cases is not None and key != REFERENCE_ROW) else None
             row.update({"test": row_stats(r["cases"], paired, n_resamples), "valid": r.get("valid_metrics"),
                         "config": r.get("config"), "adapter_sha256": r.get("adapter_sha256"),
-                        "info": r.get("info"), "split": r.get("split"), "n_cases": r["n_cases"]})
+                        "info": r.get("info"), "split": r.get("split"), "n_cases": r["n_cases"],
+                        "command": r.get("command")})
         rows[key] = row
     return {**meta, "seed": seed, "reference_row": REFERENCE_ROW, "rows": rows}
 
@@ -134,10 +136,30 @@ def render_tables(payload: dict) -> str:
                      f"{nc} | {_ci(c['auc']) if c else '–'} | {_diff(c['auc']) if c else '–'} |")
     lines += ["", "| Row | what the model sees |", "|---|---|"]
     lines += [f"| {r['label']} | {r['sees']} |" for r in rows.values()]
+    lines += render_commands(rows)
     fid = payload.get("fidelity")
     if fid:
         lines += ["", render_fidelity(fid)]
     return "\n".join(lines) + "\n"
+
+
+def _code(text: str) -> str:
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def render_commands(rows: dict[str, dict]) -> list[str]:
+    """How each row was produced: the command that computed its record, rows grouped by command
+    (nothing for results written before rows recorded their command)."""
+    groups: dict[str, list[str]] = {}
+    for r in rows.values():
+        if "test" in r:
+            groups.setdefault(r.get("command") or "", []).append(r["label"])
+    if not any(groups):
+        return []
+    lines = ["", "How each row was produced (rerunning the command with the same `--results` reuses the row's "
+             "committed per-user records, `rows/<row>/<seed>.json.gz`, while its settings are unchanged):", ""]
+    lines += [f"* {', '.join(labels)}: {_code(cmd) if cmd else 'not recorded'}" for cmd, labels in groups.items()]
+    return lines
 
 
 def render_fidelity(fid: dict) -> str:

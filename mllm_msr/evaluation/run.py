@@ -8,8 +8,11 @@ records its validation metrics (the first ``valid_users`` validation users, test
 
 Each row's result per seed is cached as ``<out>/eval/<row>/<seed>.json`` with a key of everything
 it depends on (dataset fingerprint, protocol, config, adapter weights hash): adding a row or a seed
-recomputes nothing else, and a retrained adapter recomputes its rows. Rows whose adapter was
-trained on users they would score are refused by the pipeline's leak guard and reported.
+recomputes nothing else, and a retrained adapter recomputes its rows. With a committed results
+folder (``EvalContext.results_dir``) every record is also kept there (:mod:`mllm_msr.evaluation.store`,
+with the command that produced it) and reused from there when its key matches, so a committed row
+costs nothing to rerun, also on a fresh clone. Rows whose adapter was trained on users they would
+score are refused by the pipeline's leak guard and reported.
 """
 from __future__ import annotations
 
@@ -26,12 +29,21 @@ from typing import Any
 from mllm_msr.config import MSRConfig, load_config
 from mllm_msr.data.protocol import EvalCase, ProtocolConfig, Splits, build_splits
 from mllm_msr.data.schema import Dataset
+from mllm_msr.evaluation import store
 from mllm_msr.evaluation.baselines import BASELINES, BaselineConfig, BaselineGrid, tune
 from mllm_msr.evaluation.rows import ROWS, Row
 from mllm_msr.metrics import evaluate
 from mllm_msr.models.base import ModelBackend
 from mllm_msr.paths import adapter_sha256
-from mllm_msr.pipeline import Services, adapter_leak, build_services, finalize_config, make_backends, score_cases
+from mllm_msr.pipeline import (
+    Services,
+    adapter_leak,
+    build_services,
+    finalize_config,
+    make_backends,
+    memory_adapter_folder,
+    score_cases,
+)
 from mllm_msr.stores.summaries import SummaryStore
 
 log = logging.getLogger(__name__)
@@ -62,6 +74,8 @@ class EvalContext:
     tune: bool = True
     services_factory: Callable[[MSRConfig, Dataset], Services] | None = None
     show_progress: bool = False
+    results_dir: Path | None = None  # committed results folder: records kept and reused under rows/
+    command: str = ""  # the command line, recorded in every record this run computes
 
 
 class _SplitCache:
@@ -92,8 +106,11 @@ def row_key(ctx: EvalContext, row: Row, seed: int, llm_cfg: MSRConfig | None = N
     # only the adapter this row scores with: re-shipping another adapter must not recompute it
     name = llm_cfg.recommender.adapter
     cfg["scorer"].pop("adapters", None)
+    cfg["generator"].pop("adapters", None)
     weights = adapter_sha256(llm_cfg.scorer.adapters.get(name)) if name else None
-    return _hash(*common, cfg, name, weights)
+    # the memory's adapter by content too: a retrained memory rewrites every summary the row reads
+    memory = adapter_sha256(memory_adapter_folder(llm_cfg))
+    return _hash(*common, cfg, name, weights, *([memory] if memory else []))
 
 
 def skip_reason(ctx: EvalContext, row: Row, seed: int, splits: Splits) -> str | None:
@@ -198,9 +215,48 @@ class _LLMRunner:
                 "valid_metrics": _metrics(valid, [r["scores"] for r in vrows]) if valid else None, "info": info}
 
 
+def row_entry(key: str) -> dict[str, Any]:
+    """A row's result entry before any seed is in (``per_seed``: seed → record; ``source``: seed →
+    computed | cache | committed)."""
+    row = ROWS[key]
+    return {"key": key, "label": row.label, "kind": row.kind, "sees": row.sees, "status": "ok", "reason": None,
+            "per_seed": {}, "source": {}, "block_size": row.block_size}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _reusable(ctx: EvalContext, path: Path, key: str, seed: int, rkey: str) -> tuple[dict | None, str]:
+    """A stored record with cache key ``rkey``: the committed one first, then the working cache."""
+    if ctx.results_dir is not None:
+        committed = store.load(store.row_path(ctx.results_dir, key, seed))
+        if committed is not None and committed.get("cache_key") == rkey:
+            return committed, "committed"
+    cached = _read_json(path)
+    if cached is not None and cached.get("cache_key") == rkey:
+        return cached, "cache"
+    return None, "computed"
+
+
+def _stamp(ctx: EvalContext, rec: dict[str, Any], seed: int) -> dict[str, Any]:
+    """What a committed record must name to be compared with later evaluations (all of it in the
+    cache key already), the command that produced it, and scores rounded as they are stored."""
+    rec.update({"dataset": ctx.dataset.fingerprint(), "valid_users": ctx.valid_users,
+                "protocol": ctx.protocol.model_copy(update={"seed": seed}).model_dump()})
+    rec.setdefault("command", ctx.command)
+    return store.round_scores(rec)
+
+
 def run_eval(ctx: EvalContext, rows: Sequence[str], seeds: Sequence[int] = (0,)) -> dict[str, dict]:
     """Compute (or load from cache) every row × seed; returns ``{row: entry}`` with per-seed results
-    (``metrics``, ``valid_metrics``, ``cases``, ``info``) and a status/reason for rows not run."""
+    (``metrics``, ``valid_metrics``, ``cases``, ``info``, ``command``) and a status/reason for rows
+    not run. With ``ctx.results_dir`` every record is also kept (and first looked up) there."""
+    if ctx.results_dir is not None and ctx.users is not None:
+        raise ValueError("a capped (smoke) evaluation cannot use committed results")
     eval_dir = ctx.out_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     splits_of = _SplitCache(ctx)
@@ -208,9 +264,7 @@ def run_eval(ctx: EvalContext, rows: Sequence[str], seeds: Sequence[int] = (0,))
     results: dict[str, dict] = {}
     for key in rows:
         row = ROWS[key]
-        entry: dict[str, Any] = {"key": key, "label": row.label, "kind": row.kind, "sees": row.sees,
-                                 "status": "ok", "reason": None, "per_seed": {}, "block_size": row.block_size}
-        results[key] = entry
+        entry = results[key] = row_entry(key)
         for seed in seeds:
             splits = splits_of(seed)
             reason = skip_reason(ctx, row, seed, splits)
@@ -221,14 +275,12 @@ def run_eval(ctx: EvalContext, rows: Sequence[str], seeds: Sequence[int] = (0,))
             llm_cfg = row_config(ctx, row, seed) if row.kind == "llm" else None
             rkey = row_key(ctx, row, seed, llm_cfg)
             path = eval_dir / key / f"{seed}.json"
-            cached = None
-            if path.is_file():
-                try:
-                    cached = json.loads(path.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    cached = None
-            if cached is not None and cached.get("cache_key") == rkey:
-                entry["per_seed"][seed] = cached
+            rec, source = _reusable(ctx, path, key, seed, rkey)
+            if rec is not None:
+                entry["per_seed"][seed], entry["source"][seed] = _stamp(ctx, rec, seed), source
+                if source == "cache" and ctx.results_dir is not None:
+                    store.save(ctx.results_dir, rec)
+                log.info("row %s seed %s: reused its %s record", key, seed, source)
                 continue
             t0 = time.perf_counter()
             try:
@@ -246,11 +298,14 @@ def run_eval(ctx: EvalContext, rows: Sequence[str], seeds: Sequence[int] = (0,))
                         "config": json.loads(llm_cfg.model_dump_json()) if llm_cfg is not None else None,
                         "adapter_sha256": (adapter_sha256(llm_cfg.scorer.adapters.get(llm_cfg.recommender.adapter))
                                            if llm_cfg is not None and llm_cfg.recommender.adapter else None)})
+            _stamp(ctx, res, seed)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(res), encoding="utf-8")
             tmp.replace(path)
+            if ctx.results_dir is not None:
+                store.save(ctx.results_dir, res)
             if row.kind == "llm":
                 shutil.rmtree(partial, ignore_errors=True)  # the row's file now holds every user
-            entry["per_seed"][seed] = res
+            entry["per_seed"][seed], entry["source"][seed] = res, "computed"
     return results

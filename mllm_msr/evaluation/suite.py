@@ -1,18 +1,24 @@
 """One evaluation end to end: rows → per-user records → intervals, paired differences, the
-memory-fidelity diagnostic → ``results.json``, ``table.md`` and plots (what ``msr eval`` runs)."""
+memory-fidelity diagnostic → ``results.json``, ``table.md`` and plots (what ``msr eval`` runs).
+
+With a committed results folder the table is the union of this evaluation's rows and every
+comparable row committed there earlier (:mod:`mllm_msr.evaluation.store`), so rows accumulate and a
+row added later is paired user by user with the committed reference row."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mllm_msr.config import MSRConfig
 from mllm_msr.data.schema import Dataset
+from mllm_msr.evaluation import store
 from mllm_msr.evaluation.baselines import BaselineConfig
 from mllm_msr.evaluation.report import build_results, plots, write_results
 from mllm_msr.evaluation.rows import REFERENCE_ROW
-from mllm_msr.evaluation.run import EvalContext, run_eval
+from mllm_msr.evaluation.run import EvalContext, row_entry, run_eval
+from mllm_msr.pipeline import Services
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +47,63 @@ def fidelity_for(ctx: EvalContext, results: dict[str, dict], seed: int) -> dict 
                           {i: v.summary for i, v in sums.items()}, users)
 
 
+def _fidelity(ctx: EvalContext, results: dict[str, dict], seed: int) -> dict | None:
+    """The reference row's fidelity, kept in its record (so a committed reference row that is
+    reused needs no model call: recomputing it would summarize every candidate item again)."""
+    entry = results.get(REFERENCE_ROW)
+    rec = entry["per_seed"].get(seed) if entry else None
+    if entry is None or rec is None:
+        return None
+    if "fidelity" in rec or entry["source"].get(seed) == "committed":
+        return rec.get("fidelity")
+    try:
+        fid = fidelity_for(ctx, results, seed)
+    except Exception as e:  # a diagnostic must not lose the evaluation
+        log.warning("memory-fidelity diagnostic failed: %s", e)
+        return None
+    if fid is not None and ctx.results_dir is not None:
+        rec["fidelity"] = fid
+        store.save(ctx.results_dir, rec)
+    return fid
+
+
+def with_committed(ctx: EvalContext, results: dict[str, dict], seed: int) -> dict[str, dict]:
+    """This evaluation's rows plus every comparable row committed in ``ctx.results_dir`` (rows not
+    run or failed here keep their committed result)."""
+    assert ctx.results_dir is not None
+    done = {k: e["per_seed"][seed] for k, e in results.items() if seed in e["per_seed"]}
+    committed = store.committed_rows(ctx.results_dir, seed, dataset=ctx.dataset.fingerprint(),
+                                     valid_users=ctx.valid_users, anchor=next(iter(done.values()), None),
+                                     skip=frozenset(done))
+    merged = dict(results)
+    for key, rec in committed.items():
+        if key in results:
+            log.warning("row %s %s here (%s): its committed result is kept", key, results[key]["status"],
+                        results[key]["reason"])
+        entry = merged[key] = row_entry(key)
+        entry["per_seed"][seed], entry["source"][seed] = rec, "committed"
+    return merged
+
+
 def run_suite(cfg: MSRConfig, dataset: Dataset, rows: Sequence[str], out_dir: Path, *,
               results_dir: Path | None = None, users: int | None = None, valid_users: int = 100,
               seed: int | None = None, baseline_cfg: BaselineConfig | None = None, tune: bool = True,
-              command: str = "", show_progress: bool = False, n_resamples: int = 2000) -> dict[str, Any]:
+              command: str = "", show_progress: bool = False, n_resamples: int = 2000,
+              services_factory: Callable[[MSRConfig, Dataset], Services] | None = None) -> dict[str, Any]:
     """Run ``rows`` on one protocol seed and write ``out_dir/eval/{results.json,table.md,eval_*.png}``;
-    with ``results_dir`` (committed results) also there — refused for capped (smoke) runs."""
+    with ``results_dir`` (committed results) also there, each row's record under ``results_dir/rows``,
+    and the table holds every comparable committed row — refused for capped (smoke) runs."""
     if results_dir is not None and users is not None:
         raise SmokeRunError(f"--users {users} caps the test set: a smoke run never writes committed results "
                             f"({results_dir}); drop --users or --results")
     seed = cfg.protocol.seed if seed is None else seed
     ctx = EvalContext(dataset=dataset, protocol=cfg.protocol, out_dir=out_dir,
                       baseline_cfg=baseline_cfg or BaselineConfig(), msr_cfg=cfg, users=users,
-                      valid_users=valid_users, tune=tune, show_progress=show_progress)
+                      valid_users=valid_users, tune=tune, show_progress=show_progress,
+                      services_factory=services_factory, results_dir=results_dir, command=command)
     results = run_eval(ctx, rows, [seed])
+    if results_dir is not None:
+        results = with_committed(ctx, results, seed)
     any_row = next((e["per_seed"][seed] for e in results.values() if seed in e["per_seed"]), None)
     meta = {"dataset": dataset.fingerprint(), "protocol": cfg.protocol.model_dump(), "command": command,
             "test_users": any_row["n_cases"] if any_row else 0,
@@ -62,10 +111,7 @@ def run_suite(cfg: MSRConfig, dataset: Dataset, rows: Sequence[str], out_dir: Pa
             "negatives": cfg.protocol.test_negatives, "valid_users": valid_users,
             "baseline_config": ctx.baseline_cfg.model_dump(), "tuned_on_validation": tune}
     payload = build_results(results, seed, meta, n_resamples=n_resamples)
-    try:
-        payload["fidelity"] = fidelity_for(ctx, results, seed)
-    except Exception as e:  # a diagnostic must not lose the evaluation
-        log.warning("memory-fidelity diagnostic failed: %s", e)
+    payload["fidelity"] = _fidelity(ctx, results, seed)
     for folder in [out_dir / "eval", *([results_dir] if results_dir is not None else [])]:
         write_results(payload, folder)
         plots(payload, folder)
