@@ -50,12 +50,19 @@ def _summarize(r: dict) -> str:
     return ", ".join(f"{k} {v}×" for k, v in r.get("ratios", {}).items()) + f"; best {r.get('best')}"
 
 
+def _feedback(r: dict) -> str:
+    rc = r["rank_change"]
+    return (f"{r['n_messages']} messages, {r['n_users']} users: **kept {r['kept']:.0%}** (ask {r['kept_ask']:.0%}, "
+            f"ban dropped {r['dropped_ban']:.0%}; unchanged summary {r['before']['kept']:.0%}); mean rank change "
+            f"ask {rc['ask']:+.2f}, ban {rc['ban']:+.2f}, other {rc['other']:+.2f}")
+
+
 def _generic(r: dict) -> str:
     return f"ratio {r.get('ratio')}"
 
 
 FORMAT = {"scoring": _scoring, "pipeline": _pipeline, "interactive": _interactive, "memory": _memory,
-          "summarize": _summarize}
+          "summarize": _summarize, "feedback": _feedback}
 
 
 def main() -> int:

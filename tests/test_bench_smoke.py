@@ -118,3 +118,10 @@ def test_bench_interactive(env, tmp_path):
         assert row[k] > 0
     assert row["ratio"] == pytest.approx(max(row["chat_fresh_s"], row["recommend_fresh_s"]) / row["fresh_target_s"],
                                          abs=1e-3)
+
+
+def test_bench_feedback(env, tmp_path):
+    row = bench("bench_feedback", ["--messages", "6", "--users", "2", *SHORT[:8]], env, tmp_path / "r.json")
+    assert row["n_messages"] == 6 and 0.0 <= row["kept"] <= 1.0
+    assert row["ratio"] == pytest.approx(row["kept"] / 0.8, abs=1e-3)
+    assert (tmp_path / row["rows_file"]).is_file()
