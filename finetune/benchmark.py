@@ -44,7 +44,7 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
                   sft_cfg: SFTConfig | None = None, work_dir: str | Path = "runs/sft",
                   ship: str | Path | None = None, max_valid_users: int | None = 100,
                   resume: bool = False, max_train_users: int | None = 120,
-                  command: str | None = None) -> dict[str, Any]:
+                  command: str | None = None, zero_shot: bool = True) -> dict[str, Any]:
     """The whole stage 2 on the configured dataset (default: the bundled benchmark).
 
     1. item summaries + recurrent user summaries for the TRAIN and VALID users (the pipeline's own
@@ -55,7 +55,8 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
        6. PROVENANCE.json (training user ids included, for the leak guard) and a copy of the
        adapter in ``ship``. The test set is never read here: ``msr eval`` reads it once per shipped
        configuration. ``max_train_users`` / ``max_valid_users``: the documented subsets that fit a
-       CPU budget (the first N of the split's order)."""
+       CPU budget (the first N of the split's order). ``zero_shot=False`` skips step 3 (the zero-shot
+       validation row, which ``msr eval``'s zero-shot row also measures)."""
     from mllm_msr.config import load_config
     from mllm_msr.data.protocol import build_splits
     from mllm_msr.pipeline import build_services, load_data, run_cases
@@ -116,7 +117,8 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
     # 3. zero-shot on the validation users, test protocol
     cases = valid_cases
     t0 = time.perf_counter()
-    before = run_cases(services, cases, work / "valid_zero_shot", show_progress=False)
+    before = (run_cases(services, cases, work / "valid_zero_shot", show_progress=False) if zero_shot
+              else {"skipped": "zero-shot validation not run (--no-zero-shot)"})
     timings["valid_zero_shot_s"] = time.perf_counter() - t0
     backend.close()
     if services.memory.llm is not backend:  # a separate generator (e.g. vLLM): free it before training
@@ -166,7 +168,7 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
     (out / "PROVENANCE.json").write_text(json.dumps(prov, indent=1, default=str))
     if ship:
         copy_adapter(out, ship, extra=("sft_config.json", "train_log.json", "PROVENANCE.json"))
-    return {"metrics": {"zero_shot": before["metrics"], "adapter": after["metrics"],
+    return {"metrics": {"zero_shot": before.get("metrics"), "adapter": after["metrics"],
                         "valid": train_metrics.get("eval"), "timings_s": prov["timings_s"]},
             "provenance": str(out / "PROVENANCE.json")}
 

@@ -152,3 +152,12 @@ def test_run_prints_no_library_progress_bars_or_config_warnings(env, tiny_idefic
                           capture_output=True, text=True, timeout=500)
     assert loud.returncode == 0, loud.stderr[-2000:]
     assert "Loading weights" in loud.stdout + loud.stderr
+
+
+def test_run_record_refuses_smoke_runs_and_overrides(tmp_path):
+    """`msr run --record` writes the committed main-job result: only the default job may write it."""
+    for extra in (["--users", "2"], ["--set", "memory.block_size=4"]):
+        res = runner.invoke(app, ["run", "--quiet", "--record", str(tmp_path / "run"), *extra])
+        assert res.exit_code == 2, res.output
+        assert "--record" in res.output
+    assert not (tmp_path / "run").exists()

@@ -59,13 +59,15 @@ def sft_train(data: Path = typer.Option(..., help="JSONL rows {user_summary,labe
 
 
 def benchmark_command(config: Path | None, msr_set: list[str], sets: list[str], work_dir: Path,
-                      ship: Path | None, max_valid_users: int, max_train_users: int, resume: bool) -> str:
+                      ship: Path | None, max_valid_users: int, max_train_users: int, resume: bool,
+                      zero_shot: bool = True) -> str:
     """The `msr finetune sft benchmark` command line that reproduces a run (for PROVENANCE.json)."""
     args = ["msr", "finetune", "sft", "benchmark", "--work-dir", str(work_dir)]
     args += ["--config", str(config)] if config else []
     args += [a for s in msr_set for a in ("--msr-set", s)] + [a for s in sets for a in ("--set", s)]
     args += ["--max-valid-users", str(max_valid_users), "--max-train-users", str(max_train_users)]
     args += (["--ship", str(ship)] if ship else []) + (["--resume"] if resume else [])
+    args += [] if zero_shot else ["--no-zero-shot"]
     return shlex.join(args)
 
 
@@ -80,17 +82,19 @@ def sft_benchmark(config: Path | None = typer.Option(None, "--config", "-c", hel
                   max_valid_users: int = typer.Option(100, help="Validation users scored (the first N of the split)."),
                   max_train_users: int = typer.Option(120, help="Training users whose summaries become SFT "
                                                       "examples (the first N)."),
-                  resume: bool = ResumeOpt) -> None:
+                  resume: bool = ResumeOpt,
+                  zero_shot: bool = typer.Option(True, help="Also score the validation users zero-shot (before).")
+                  ) -> None:
     """Whole stage 2: train/valid users' summaries → SFT → validation metrics before/after (never the test set)."""
     from mllm_msr.finetune.benchmark import run_benchmark
 
     cfg = _sft_cfg(set_)
     _progress_logs()
     command = benchmark_command(config, msr_set or [], set_ or [], work_dir, ship, max_valid_users,
-                                max_train_users, resume)
+                                max_train_users, resume, zero_shot)
     res = run_benchmark(config=config, msr_overrides=msr_set or [], sft_cfg=cfg, work_dir=work_dir, ship=ship,
                         max_valid_users=max_valid_users, resume=resume, max_train_users=max_train_users,
-                        command=command)
+                        command=command, zero_shot=zero_shot)
     print(json.dumps(res.get("metrics", res), indent=1))
 
 

@@ -16,11 +16,26 @@ UserOpt = typer.Option(..., "--user", "-u", help="User id.")
 
 def run(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
         users: int | None = typer.Option(None, help="Evaluate at most this many test users."),
-        quiet: bool = typer.Option(False, help="No progress bars.")) -> None:
+        quiet: bool = typer.Option(False, help="No progress bars."),
+        record: Path | None = typer.Option(None, help="Also write the run's metrics.json, with its command, date, "
+                                           "machine and memory peak, here (the committed results/run/ the README "
+                                           "quotes); refused with --users (a smoke run) or --set.")) -> None:
     """The main job: summarise items, build user memories, score the test candidates, report metrics."""
+    import json
+    import os
+    import platform
+    import resource
+    import sys
+    import time
+
     from mllm_msr.data.protocol import build_splits
     from mllm_msr.pipeline import build_services, finalize_config, load_data, run_cases
 
+    if record is not None and (users is not None or set_ or config):
+        console.print("[red]--record writes the committed result of the default main job: drop --users, --set "
+                      "and --config[/]")
+        raise typer.Exit(2)
+    load0 = os.getloadavg()
     cfg = finalize_config(load_cfg(config, set_))
     run_dir = Path(cfg.run_dir)
     locks = [run_dir] + ([] if cfg.store.host else [Path(cfg.store.path)])
@@ -41,6 +56,17 @@ def run(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
                       f"{m['auc_ci95_low']:.3f}–{m['auc_ci95_high']:.3f})")
     console.print(f"model calls: {result['model_calls']}  timings: {result['timings_s']}")
     console.print(f"results in {run_dir}/metrics.json and {run_dir}/scores.jsonl")
+    if record is not None:
+        record.mkdir(parents=True, exist_ok=True)
+        rss = [resource.getrusage(w).ru_maxrss / 2**20 for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        out = {k: v for k, v in result.items() if k != "rows"}
+        out.update(command="msr run " + " ".join(sys.argv[sys.argv.index("run") + 1:]) if "run" in sys.argv
+                   else "msr run", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   machine=f"{platform.machine()}, {os.cpu_count()} CPUs, load {load0[0]:.1f} at start / "
+                           f"{os.getloadavg()[0]:.1f} at end", peak_rss_gb=round(max(rss), 2),
+                   fresh_store=bool(result["model_calls"]["item_summaries"]))
+        (record / "metrics.json").write_text(json.dumps(out, indent=1))
+        console.print(f"recorded in {record / 'metrics.json'}")
 
 
 def recommend(user: str = UserOpt, top: int = typer.Option(10, help="How many items to show."),

@@ -214,19 +214,28 @@ def render_run(m: dict) -> str:
 
 def render_adapters(weights: Path) -> str:
     """The shipped adapters, from their committed ``PROVENANCE.json`` files."""
-    lines = ["| adapter | trained with | train examples (users) | steps | SFT time | valid AUC zero-shot → adapter "
-             "(1:20, users) |", "|---|---|---|---|---|---|"]
+    lines = ["| adapter | trained with | train examples (users) | steps | training time | validation: before → "
+             "with the adapter (users) |", "|---|---|---|---|---|---|"]
     for f in sorted(weights.glob("*/PROVENANCE.json")):
         if not (f.parent / "adapter_config.json").is_file():
             continue  # not a LoRA adapter (e.g. the vision tower)
         p = json.loads(f.read_text(encoding="utf-8"))
         d, tr = p.get("data", {}), p.get("training", {})
-        zs, ad = (p.get("valid_zero_shot") or {}).get("metrics"), (p.get("valid_adapter") or {}).get("metrics")
-        pairwise = (tr.get("eval") or {}).get("auc")
-        valid = (f"{zs['auc']:.3f} → **{ad['auc']:.3f}** ({int(ad['n_cases'])})" if zs and ad
-                 else f"not recorded (pairwise 1:1 valid AUC {pairwise:.3f})" if pairwise is not None else "–")
-        lines.append(f"| `{f.parent.name}` | `{p.get('command', '?')}` | {d.get('sft_train_examples', '?')} "
-                     f"({d.get('sft_train_users', '?')}) | {tr.get('global_step', '?')} | "
+        if "selection" in p:  # the user memory's adapter (expert iteration)
+            b, a = p["valid"]["base"], p["valid"]["adapter"]
+            fid = "".join(f", {k} named {b['fidelity'][k]:.0%} → **{a['fidelity'][k]:.0%}**"
+                          for k in ("colour", "pattern", "genre") if "fidelity" in b and "fidelity" in a)
+            valid = (f"next-item retrieval AUC {b['retrieval_auc']:.3f} → **{a['retrieval_auc']:.3f}**{fid} "
+                     f"({a['users']})")
+            examples = f"{p['selection']['kept']} kept of {p['selection']['prompts']} ({len(d['train_user_ids'])})"
+        else:
+            zs, ad = (p.get("valid_zero_shot") or {}).get("metrics"), (p.get("valid_adapter") or {}).get("metrics")
+            pairwise = (tr.get("eval") or {}).get("auc")
+            valid = (f"AUC (1:20) {zs['auc']:.3f} → **{ad['auc']:.3f}** ({int(ad['n_cases'])})" if zs and ad
+                     else f"AUC (1:20) zero-shot not run → **{ad['auc']:.3f}** ({int(ad['n_cases'])})" if ad
+                     else f"not recorded (pairwise 1:1 valid AUC {pairwise:.3f})" if pairwise is not None else "–")
+            examples = f"{d.get('sft_train_examples', '?')} ({d.get('sft_train_users', '?')})"
+        lines.append(f"| `{f.parent.name}` | `{p.get('command', '?')}` | {examples} | {tr.get('global_step', '?')} | "
                      f"{tr.get('wall_s', float('nan')) / 60:.0f} min | {valid} |")
     return "\n".join(lines) + "\n"
 
