@@ -87,6 +87,8 @@ class RetrievalReward:
 def continuation_rows(be, pairs: Sequence[tuple[Any, str]], max_length: int = 1024) -> list[dict[str, Any]]:
     """Training rows for (request, answer) pairs: the prompt as inference renders it (a prefilled
     answer stays open), labels on the rest of the answer and the end-of-turn token only."""
+    import torch
+
     tok = be.tokenizer
     end = tok.eos_token
     rows = []
@@ -103,8 +105,6 @@ def continuation_rows(be, pairs: Sequence[tuple[Any, str]], max_length: int = 10
             n += 1
         if len(f_ids) > max_length:
             f_ids = f_ids[:max_length]
-        import torch
-
         ids = torch.tensor(f_ids, dtype=torch.long)
         labels = ids.clone()
         labels[:n] = -100
@@ -174,11 +174,11 @@ def run_memory_sft(config: str | Path | None = None, msr_overrides: Sequence[str
         if u not in hist:
             continue
         h, seq = hist[u], full[u]
+        pool = sorted(set(catalog) - set(seq))  # never-touched items: the negatives' pool
         for b, (st, e) in enumerate(blocks_of(len(h.items), cfg.memory.block_size)):
             nxt = list(seq[e:e + mcfg.lookahead])
             if not nxt or b >= len(chains[u]):
                 continue
-            pool = sorted(set(catalog) - set(seq))
             prompts.append({"user": u, "step": b, "next": nxt, "neg": rng.sample(pool, min(mcfg.negatives, len(pool))),
                             "prev": chains[u][b - 1] if b else None, "block": h.items[st:e],
                             "greedy": chains[u][b].summary})
