@@ -263,6 +263,19 @@ def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], mo
     return metrics
 
 
+def _end_process_group() -> None:
+    """Leave the DDP group explicitly: every rank waits for the others, then the group is destroyed.
+
+    Left to interpreter exit, gloo's worker threads can be torn down while still joinable
+    ("terminate called without an active exception", SIGABRT on a rank that finished first).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def train_lora(cfg: SFTConfig, encode: Callable[[], list[dict[str, Any]]], be, *,
                resume_from_checkpoint: bool | str | None = None, show_progress: bool = True,
                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -328,7 +341,10 @@ def train_lora(cfg: SFTConfig, encode: Callable[[], list[dict[str, Any]]], be, *
         (out / f"example_order.rank{rank}.json").write_text(json.dumps(
             {"rank": rank, "world_size": world, "examples": len(rows), "indices": seen}))
     if not trainer.is_world_process_zero():  # process 0 writes the log, adapter and metrics
-        return {"global_step": trainer.state.global_step, "rank": rank, "world_size": world}
+        steps = trainer.state.global_step
+        del trainer, model
+        _end_process_group()
+        return {"global_step": steps, "rank": rank, "world_size": world}
     history = trainer.state.log_history
     (out / "train_log.json").write_text(json.dumps(history, indent=1))
 
@@ -347,6 +363,7 @@ def train_lora(cfg: SFTConfig, encode: Callable[[], list[dict[str, Any]]], be, *
         "resumed_from": str(resume_from_checkpoint) if resume_from_checkpoint else None,
     }
     del trainer, model
+    _end_process_group()
     be.close()
     metrics["wall_s"] = round(time.perf_counter() - t_start, 2)
     return metrics
