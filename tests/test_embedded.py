@@ -115,6 +115,25 @@ def test_data_covers_every_combination_and_heldout_is_disjoint():
     assert {p[:3] for p in pairs} == set(A.all_combos()) and len(A.all_combos()) == 120
     held = A.heldout_pairs(60, 1234)
     assert not {p[3] for p in held} & {p[3] for p in pairs}
+    alt = covers.ALT_CATALOG
+    alt_pairs = A.make_pairs(240, 0, alt)  # the alt catalog: its own combinations, the same jitter stream
+    assert {p[:3] for p in alt_pairs} == set(A.all_combos(alt)) and not set(A.all_combos(alt)) & set(A.all_combos())
+    assert [p[3] for p in alt_pairs] == [p[3] for p in pairs]
+    img, cap = A.render(alt_pairs[0], alt)
+    assert cap == covers.caption(*alt_pairs[0][:3], alt) and covers.parse_caption(cap, alt)["colour"] == alt_pairs[0][0]
+    assert A.chance(alt) == A.chance() == {"colour": 1 / 8, "shape": 1 / 5, "pattern": 1 / 3}
+
+
+def test_alignment_batches_render_the_configured_catalog(tiny):
+    _, proc = tiny
+    cfg = A.AlignConfig(batch_size=2, catalog="alt")
+    batch = A.batch_for_step(cfg, A.make_pairs(4, 0, covers.ALT_CATALOG), proc, 0)
+    for labels in batch["labels"]:
+        text = proc.tokenizer.decode(labels[labels != -100])
+        got = covers.parse_caption(text, covers.ALT_CATALOG)
+        assert None not in got.values() and text.endswith("on a dark poster.<|im_end|>"), text
+    # the default run's checkpoint folder (config hash) predates catalogs
+    assert A._config_hash(A.AlignConfig()) == "9b68e3b9de36" != A._config_hash(cfg.model_copy(update={"batch_size": 8}))
 
 
 def test_alignment_loop_reduces_loss_on_tiny(tiny_dir, tmp_path):
@@ -148,8 +167,13 @@ def test_align_command_maps_flags_onto_the_config(monkeypatch):
     assert (cfg.out_dir.name, cfg.steps, cfg.lr, cfg.resume, cfg.max_minutes, cfg.base_model) == \
         ("x", 3, 0.01, False, 2.5, None)
     assert json.loads(res.output) == {"steps": 3}
+    assert cfg.catalog == "default"
+    monkeypatch.setattr(A, "align", lambda cfg: {"catalog": cfg.catalog})
+    res = CliRunner().invoke(app, ["finetune", "align", "--catalog", "alt"])
+    assert res.exit_code == 0 and json.loads(res.output) == {"catalog": "alt"}, res.output
     bad = CliRunner().invoke(app, ["finetune", "align", "--steps", "many"])
     assert bad.exit_code == 2
+    assert CliRunner().invoke(app, ["finetune", "align", "--catalog", "nope"]).exit_code == 2
 
 
 def test_built_config_token_ids_lie_in_the_vocabulary(tiny_dir, tiny):

@@ -10,11 +10,14 @@ from collections.abc import Callable
 import pytest
 
 from fakes import CountingChat, OverlapScorer
+from helpers import SMALL_SYNTH
 from mllm_msr.agents.recommender import RecommenderConfig
 from mllm_msr.agents.user_memory import blocks_of
 from mllm_msr.config import MSRConfig
+from mllm_msr.data.covers import ALT_CATALOG
+from mllm_msr.data.loaders import load_microlens
 from mllm_msr.data.protocol import build_splits
-from mllm_msr.data.synth import load_ground_truth
+from mllm_msr.data.synth import generate_benchmark, load_ground_truth
 from mllm_msr.evaluation.feedback import (
     VOCAB,
     FeedbackMessage,
@@ -27,6 +30,7 @@ from mllm_msr.evaluation.feedback import (
     ranks,
     run_feedback,
     script_messages,
+    vocabulary,
 )
 from mllm_msr.evaluation.fidelity import current_likes, names
 from mllm_msr.pipeline import build_services
@@ -84,6 +88,25 @@ def echo(previous: str, said: str) -> str:
 
 
 def test_scripted_set_is_distinct_deterministic_and_over_real_vocabulary(cases, gt):
+    _check_script(cases, gt, VOCAB)
+
+
+def test_scripted_set_on_the_alt_catalog_uses_its_vocabulary(tmp_path):
+    """The second benchmark catalog: messages ask for and ban its own values, in recognised word forms."""
+    alt = SMALL_SYNTH.model_copy(update={"catalog": "alt", "cold_item_fraction": 0.0, "cold_target_prob": 0.0})
+    root = generate_benchmark(tmp_path / "alt", alt)
+    gt = load_ground_truth(root)
+    vocab = vocabulary(ALT_CATALOG)
+    assert vocab != VOCAB and set(vocab) == set(VOCAB)
+    ms = _check_script(build_splits(load_microlens(root)).valid, gt, vocab)
+    asked_or_banned = {r.value for m in ms for r in (m.ask, m.ban) if r}
+    assert not asked_or_banned & {v for vs in VOCAB.values() for v in vs}  # no default value
+    assert flags("loves crosses and checkered covers", FeedbackMessage("u", "", Request("shape", "cross"),
+                                                                        Request("pattern", "checkerboard"))) == {
+        "ask_kept": True, "ban_dropped": False}
+
+
+def _check_script(cases, gt, vocab) -> list[FeedbackMessage]:
     ms = script_messages(cases, gt, 60, seed=0)
     assert len({m.text for m in ms}) == 60 >= 50
     assert ms == script_messages(cases, gt, 60, seed=0) and ms != script_messages(cases, gt, 60, seed=1)
@@ -96,7 +119,7 @@ def test_scripted_set_is_distinct_deterministic_and_over_real_vocabulary(cases, 
         for r in (m.ask, m.ban):
             if r is None:
                 continue
-            assert r.value in VOCAB[r.attribute]
+            assert r.value in vocab[r.attribute]
             assert any(gt["items"][i][r.attribute] == r.value for i in c.candidates)  # something to move
             assert any(names(m.text, f) for f in forms(r.value)), m  # the message names it
         if m.ask:  # never what the user already likes, and said affirmatively
@@ -105,7 +128,8 @@ def test_scripted_set_is_distinct_deterministic_and_over_real_vocabulary(cases, 
         if m.ban:  # every phrasing of a ban is a negated phrase
             assert all(occurrences(m.text, m.ban.value))
         assert m.ask != m.ban
-    assert {r.attribute for m in ms for r in (m.ask, m.ban) if r} == set(VOCAB)
+    assert {r.attribute for m in ms for r in (m.ask, m.ban) if r} == set(vocab)
+    return ms
 
 
 def test_ban_and_ask_flags():

@@ -19,13 +19,13 @@ def test_resolve_dtype_auto_follows_the_cpu():
 
 def _users(tmp_path):
     from mllm_msr.agents.recommender import Recommender, RecommenderConfig
-    from mllm_msr.data.covers import COLOURS, PATTERNS, SHAPES, draw_cover
+    from mllm_msr.data.covers import DEFAULT_CATALOG, draw_cover
     from mllm_msr.data.schema import Item
 
     items = []
     for k in range(8):
         p = tmp_path / f"c{k}.png"
-        draw_cover(list(COLOURS)[k % 8], SHAPES[k % 5], PATTERNS[k % 3]).save(p)
+        draw_cover(*DEFAULT_CATALOG.cycle(k)).save(p)
         items.append(Item(f"c{k}", f"A {('fantasy film', 'mystery novel', 'comedy')[k % 3]}: Archive {k}",
                           image_path=p))
     rec = Recommender(None, RecommenderConfig())

@@ -154,6 +154,7 @@ def _align_options() -> list[inspect.Parameter]:
 def finetune_align(evaluate: Path | None = None, **fields: Any) -> dict[str, Any]:
     """Stage-1 alignment of the embedded model's vision encoder + connector (language model frozen);
     writes vision.safetensors + PROVENANCE.json to --out (--evaluate: only caption held-out covers)."""
+    from mllm_msr.data.covers import get_catalog
     from mllm_msr.finetune.align import AlignConfig, align, evaluate_captions
 
     cfg = AlignConfig(**fields)
@@ -161,7 +162,7 @@ def finetune_align(evaluate: Path | None = None, **fields: Any) -> dict[str, Any
         import torch
 
         torch.set_num_threads(cfg.threads)
-        res = evaluate_captions(evaluate, cfg.n_eval, cfg.eval_seed)
+        res = evaluate_captions(evaluate, cfg.n_eval, cfg.eval_seed, get_catalog(cfg.catalog))
     else:
         res = align(cfg)
     print(json.dumps(res, indent=1, ensure_ascii=False))

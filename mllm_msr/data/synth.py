@@ -13,10 +13,15 @@ Design (a fair, learnable test of the paper's claims):
 * Cold items (``cold_item_fraction``) never appear in any history; they appear only as final
   targets of the test users of the default protocol split (``split_seed``), so ID-only models
   meet items they never saw.
+* The vocabulary (colour / shape / pattern / genre values, title words) and the cover style come
+  from a registered catalog (``catalog``: :data:`mllm_msr.data.covers.CATALOGS`). "default" is the
+  original benchmark; "alt" is a disjoint vocabulary in another cover style, used without designed
+  cold items (``configs/synth-alt.yaml``) to check that nothing is tuned to one catalog.
 
 Files written to ``out_dir``: ``synth_pairs.tsv`` (``user\\titem item …`` chronological),
 ``synth_titles.csv`` (``item,title``), ``synth_timestamps.tsv`` (``user\\titem\\tunix_seconds``),
-``covers/{item}.jpg`` (128 px, JPEG quality 95) and ``ground_truth.json``.
+``covers/{item}.jpg`` (128 px, JPEG quality 95) and ``ground_truth.json`` (with ``catalog`` when it
+is not "default").
 """
 from __future__ import annotations
 
@@ -25,61 +30,23 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
-from mllm_msr.data.covers import COLOURS, PATTERNS, SHAPES, VISUAL_ATTRIBUTES, caption, draw_cover
+from mllm_msr.data.covers import DEFAULT_CATALOG, Catalog, CatalogName, caption, draw_cover, get_catalog
 from mllm_msr.hashing import json_digest
 from mllm_msr.paths import msr_home  # noqa: F401 (re-exported)
 
 GENERATOR_VERSION = "1"
 PREFIX = "synth"
 
-GENRES: tuple[str, ...] = ("mystery", "romance", "comedy", "horror", "sci-fi", "fantasy",
-                           "documentary", "western")
-
-_ADJECTIVES = (
-    "Silent", "Hidden", "Lost", "Broken", "Distant", "Frozen", "Quiet", "Wild", "Ancient",
-    "Secret", "Fading", "Restless", "Gentle", "Crooked", "Hollow", "Burning", "Endless",
-    "Forgotten", "Lonely", "Midnight", "Northern", "Velvet", "Iron", "Paper", "Glass", "Stone",
-    "Winter", "Summer", "Autumn", "Electric", "Sleeping", "Wandering", "Last", "First", "Little",
-    "Grand", "Bitter", "Sweet", "Savage", "Hungry",
-)
-_NOUNS = (
-    "Harbor", "Garden", "Mountain", "River", "Letter", "Kingdom", "Machine", "Journey", "Island",
-    "Bridge", "Forest", "Tower", "Valley", "Lantern", "Mirror", "Orchard", "Canyon", "Voyage",
-    "Engine", "Castle", "Meadow", "Desert", "Village", "Lighthouse", "Compass", "Shadow",
-    "Promise", "Secret", "Horizon", "Harvest", "Frontier", "Archive", "Planet", "Ocean", "Cabin",
-    "Carnival", "Whisper", "Railway", "Empire", "Labyrinth",
-)
-_TEMPLATES = (
-    "The {adj} {noun}: a {genre} tale",
-    "{adj} {noun}, a {genre} story",
-    "The {noun} of {adj2} Days ({genre})",
-    "{adj} {noun} - {genre}",
-    "A {genre} film: The {adj} {noun}",
-    "{noun} and the {adj} {noun2}: {genre}",
-)
-
-
-def _visual_words() -> tuple[str, ...]:
-    return tuple(w for values in VISUAL_ATTRIBUTES.values() for w in values)
-
-
-def _clean(words: tuple[str, ...]) -> tuple[str, ...]:
-    """Drop any word that contains a visual attribute word, even as a substring."""
-    bad = _visual_words()
-    return tuple(w for w in words if not any(b in w.lower() for b in bad))
-
-
-ADJECTIVES = _clean(_ADJECTIVES)
-NOUNS = _clean(_NOUNS)
-assert not any(re.search(rf"\b{re.escape(b)}\b", t.lower()) for t in _TEMPLATES for b in _visual_words())
+# The default catalog's genres and title words (the vocabulary lives in mllm_msr.data.covers).
+GENRES: tuple[str, ...] = DEFAULT_CATALOG.genres
+ADJECTIVES, NOUNS = DEFAULT_CATALOG.title_words()
 
 
 class SynthConfig(BaseModel):
@@ -100,10 +67,20 @@ class SynthConfig(BaseModel):
     valid_frac: float = Field(0.1, ge=0.0, lt=1.0, description="Validation fraction of the by-user split (as ProtocolConfig).")
     image_size: int = Field(128, ge=16, description="Cover size in pixels.")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the covers.")
+    catalog: CatalogName = Field("default", description="Vocabulary and cover style (mllm_msr.data.covers.CATALOGS): 'default' (8 colours, 5 shapes, 3 patterns, 8 genres, light covers) or 'alt', a disjoint vocabulary of the same sizes (other colours, shapes, textures, genres and title words) drawn as dark framed posters with a smaller off-centre shape. 'alt' is meant without designed cold items: cold_item_fraction=0 and cold_target_prob=0 (configs/synth-alt.yaml). Left out of the dump (and so of the hash and ground_truth.json) when 'default', so existing benchmarks keep their folder and bytes.")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        if self.catalog == DEFAULT_CATALOG.name:
+            data.pop("catalog", None)
+        return data
+
+    def vocabulary(self) -> Catalog:
+        return get_catalog(self.catalog)
 
     def config_hash(self) -> str:
         return json_digest({"v": GENERATOR_VERSION, **self.model_dump()}, 12)
-
 
 
 
@@ -113,9 +90,9 @@ def default_benchmark_dir(cfg: SynthConfig | None = None) -> Path:
     return msr_home() / "data" / f"synth-{cfg.config_hash()}"
 
 
-def item_caption(item_attrs: Mapping[str, str]) -> str:
+def item_caption(item_attrs: Mapping[str, str], catalog: Catalog = DEFAULT_CATALOG) -> str:
     """The ground-truth visual caption of an item from its attributes (for alignment)."""
-    return caption(item_attrs["colour"], item_attrs["shape"], item_attrs["pattern"])
+    return caption(item_attrs["colour"], item_attrs["shape"], item_attrs["pattern"], catalog)
 
 
 def _is_complete(out_dir: Path, cfg: SynthConfig) -> bool:
@@ -134,11 +111,12 @@ def _is_complete(out_dir: Path, cfg: SynthConfig) -> bool:
     return all(p.is_file() for p in needed)
 
 
-def _make_title(rng: random.Random, genre: str, used: set[str]) -> str:
+def _make_title(rng: random.Random, genre: str, used: set[str], catalog: Catalog) -> str:
+    adjectives, nouns = catalog.title_words()
     for _ in range(1000):
-        adj, adj2 = rng.sample(ADJECTIVES, 2)
-        noun, noun2 = rng.sample(NOUNS, 2)
-        title = rng.choice(_TEMPLATES).format(adj=adj, adj2=adj2, noun=noun, noun2=noun2, genre=genre)
+        adj, adj2 = rng.sample(adjectives, 2)
+        noun, noun2 = rng.sample(nouns, 2)
+        title = rng.choice(catalog.templates).format(adj=adj, adj2=adj2, noun=noun, noun2=noun2, genre=genre)
         if title not in used:
             used.add(title)
             return title
@@ -161,16 +139,17 @@ def _generate(cfg: SynthConfig) -> dict:
     if cfg.min_history > cfg.max_history:
         raise ValueError("min_history must be <= max_history")
     rng = random.Random(cfg.seed)
-    colours, genres = list(COLOURS), list(GENRES)
+    cat = cfg.vocabulary()
+    colours, genres = list(cat.colours), list(cat.genres)
     width = max(4, len(str(cfg.n_items)))
     items: dict[str, dict] = {}
     used: set[str] = set()
     for n in range(1, cfg.n_items + 1):
         iid = f"i{n:0{width}d}"
         genre = genres[(n - 1) % len(genres)] if n <= len(genres) else rng.choice(genres)
-        items[iid] = {"colour": rng.choice(colours), "shape": rng.choice(SHAPES),
-                      "pattern": rng.choice(PATTERNS), "genre": genre}
-        items[iid]["title"] = _make_title(rng, genre, used)
+        items[iid] = {"colour": rng.choice(colours), "shape": rng.choice(cat.shapes),
+                      "pattern": rng.choice(cat.patterns), "genre": genre}
+        items[iid]["title"] = _make_title(rng, genre, used, cat)
     item_ids = list(items)
     n_cold = int(round(cfg.cold_item_fraction * cfg.n_items))
     cold = sorted(rng.sample(item_ids, n_cold))
@@ -199,7 +178,7 @@ def _generate(cfg: SynthConfig) -> dict:
         c1 = rng.choice(colours)
         c2 = rng.choice([c for c in colours if c != c1])
         g = rng.choice(genres)
-        p = rng.choice(list(PATTERNS))
+        p = rng.choice(list(cat.patterns))
         seq_len = rng.randint(cfg.min_history, cfg.max_history) + 1
         drift = seq_len if cfg.drift_at >= 1.0 else min(seq_len - 1, max(1, round(cfg.drift_at * seq_len)))
         seq: list[str] = []
@@ -247,16 +226,19 @@ def _write(out_dir: Path, cfg: SynthConfig, data: dict) -> None:
                 f.write(f"{uid}\t{iid}\t{t}\n")
     covers = out_dir / "covers"
     covers.mkdir(exist_ok=True)
+    cat = cfg.vocabulary()
     for iid, a in data["items"].items():
         img = draw_cover(a["colour"], a["shape"], a["pattern"], size=cfg.image_size,
-                         rng=random.Random(f"{cfg.seed}:{iid}"))
+                         rng=random.Random(f"{cfg.seed}:{iid}"), catalog=cat)
         img.save(covers / f"{iid}.jpg", format="JPEG", quality=cfg.jpeg_quality)
     gt = {
         "version": GENERATOR_VERSION, "config": cfg.model_dump(), "config_hash": cfg.config_hash(),
-        "genres": list(GENRES), "items": data["items"], "users": data["users"],
+        "genres": list(cat.genres), "items": data["items"], "users": data["users"],
         "cold_items": data["cold_items"], "test_users": data["test_users"],
         "timestamps_file": f"{PREFIX}_timestamps.tsv",
     }
+    if cat is not DEFAULT_CATALOG:  # absent = default: the default benchmark's bytes predate catalogs
+        gt["catalog"] = cat.name
     (out_dir / "ground_truth.json").write_text(json.dumps(gt, indent=1, sort_keys=True), encoding="utf-8")
 
 
@@ -293,4 +275,12 @@ def generate_benchmark(out_dir: Path, cfg: SynthConfig | None = None) -> Path:
 
 
 def load_ground_truth(root: Path) -> dict:
-    return json.loads((Path(root) / "ground_truth.json").read_text(encoding="utf-8"))
+    """The benchmark's ``ground_truth.json``; ``catalog`` is always set (absent in the file = "default")."""
+    gt = json.loads((Path(root) / "ground_truth.json").read_text(encoding="utf-8"))
+    gt.setdefault("catalog", DEFAULT_CATALOG.name)
+    return gt
+
+
+def ground_truth_catalog(gt: Mapping) -> Catalog:
+    """The vocabulary a benchmark's ground truth was generated with."""
+    return get_catalog(gt.get("catalog", DEFAULT_CATALOG.name))

@@ -3,7 +3,8 @@ preference summary, and does the next ranking follow it? (bundled benchmark only
 
 A scripted, seeded set of messages over validation users asks for one attribute value ("more like
 the blue ones", "I'd like more mystery") and/or bans one ("nothing with stripes"); attributes are the
-benchmark's colour / pattern / shape (the cover) and genre (the title). For each message:
+benchmark's colour / pattern / shape (the cover) and genre (the title), with the values of its catalog
+(:func:`vocabulary`). For each message:
 
 1. the user's current summary: the memory's latest version for the validation case's history
    (``Services.memory.update_many``, through :func:`mllm_msr.pipeline.summarize_cases`);
@@ -50,24 +51,41 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import fmean
 
-from mllm_msr.data.covers import COLOURS, PATTERNS, SHAPES
+from mllm_msr.data.covers import CATALOGS, DEFAULT_CATALOG, Catalog
 from mllm_msr.data.protocol import EvalCase, build_splits
-from mllm_msr.data.synth import GENRES, load_ground_truth
+from mllm_msr.data.synth import ground_truth_catalog, load_ground_truth
 from mllm_msr.evaluation.fidelity import current_likes, names
 from mllm_msr.pipeline import Services, summarize_cases
 from mllm_msr.stores.summaries import SummaryStore
 
 KEPT_TARGET = 0.8
-VOCAB: dict[str, tuple[str, ...]] = {"colour": tuple(COLOURS), "pattern": PATTERNS, "shape": SHAPES,
-                                     "genre": GENRES}
-# extra word forms a summary may use for a value (the value itself always counts; shapes also as plurals)
+
+
+def vocabulary(catalog: Catalog = DEFAULT_CATALOG) -> dict[str, tuple[str, ...]]:
+    """The attributes a message may ask for or ban, and their values, in ``catalog``."""
+    return {"colour": tuple(catalog.colours), "pattern": catalog.patterns, "shape": catalog.shapes,
+            "genre": catalog.genres}
+
+
+VOCAB: dict[str, tuple[str, ...]] = vocabulary()  # the default catalog's
+_SHAPES = frozenset(s for c in CATALOGS.values() for s in c.shapes)  # catalogs' values are disjoint
+# extra word forms a summary may use for a value, in any catalog (the value itself always counts; shapes
+# also as plurals)
 EXTRA_FORMS: dict[str, tuple[str, ...]] = {
     "striped": ("stripes", "stripe", "stripy"), "dotted": ("dots", "dot", "polka-dot"),
     "sci-fi": ("science fiction", "scifi"), "comedy": ("comedies",), "documentary": ("documentaries",),
-    "western": ("westerns",), "mystery": ("mysteries",), "romance": ("romances",)}
+    "western": ("westerns",), "mystery": ("mysteries",), "romance": ("romances",),
+    "checkerboard": ("checkered", "chequered", "checks", "checker"), "wavy": ("waves", "wave"),
+    "gridded": ("grid", "grids"), "grey": ("gray",), "thriller": ("thrillers",),
+    "drama": ("dramas",), "musical": ("musicals",), "animation": ("animated", "cartoons", "cartoon"),
+    "biography": ("biographies", "biopic", "biopics"), "adventure": ("adventures",), "war": ("wars",),
+    "crime": ("crimes",)}
 # how a message names a value: as a noun phrase ("I'd like more {noun}", "nothing with {noun}")
 _NOUNS: dict[str, str] = {"striped": "stripes", "dotted": "dots", "solid": "solid covers", "comedy": "comedies",
-                          "documentary": "documentaries", "western": "westerns"}
+                          "documentary": "documentaries", "western": "westerns", "checkerboard": "checks",
+                          "wavy": "wavy covers", "gridded": "grids", "thriller": "thrillers",
+                          "drama": "dramas", "musical": "musicals", "biography": "biographies",
+                          "adventure": "adventures", "war": "war films"}
 ASK_TEMPLATES = ("more like the {adj} ones", "I'd like more {noun}", "show me more {noun} please",
                  "I'm in the mood for {noun}")
 BAN_TEMPLATES = ("nothing with {noun}", "no {noun} please", "please avoid {noun}", "I don't want any {noun}")
@@ -98,16 +116,20 @@ class FeedbackMessage:
     ban: Request | None = None
 
 
+def _plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith("s") else "s")
+
+
 def forms(value: str) -> tuple[str, ...]:
     """The words that name ``value`` in a summary (the value first)."""
-    plural = (value + "s",) if value in SHAPES else ()
+    plural = (_plural(value),) if value in _SHAPES else ()
     return (value, *plural, *EXTRA_FORMS.get(value, ()))
 
 
 def _phrase(r: Request) -> dict[str, str]:
     adj = f"{r.value}-shaped" if r.attribute == "shape" else r.value
     noun = f"{r.value} covers" if r.attribute == "colour" else _NOUNS.get(
-        r.value, r.value + "s" if r.attribute == "shape" else r.value)
+        r.value, _plural(r.value) if r.attribute == "shape" else r.value)
     return {"adj": adj, "noun": noun}
 
 
@@ -170,19 +192,21 @@ def script_messages(cases: Sequence[EvalCase], gt: Mapping[str, Mapping], n: int
 
     An asked value occurs among the case's candidates and is never the value the user already likes
     (ground truth at the case's position); a banned value occurs among the candidates and is the
-    liked one half of the time (when the attribute has one and a candidate carries it)."""
+    liked one half of the time (when the attribute has one and a candidate carries it). The values
+    are those of the benchmark's catalog (``gt["catalog"]``)."""
+    vocab = vocabulary(ground_truth_catalog(gt))
     rng = random.Random(seed)
     used: set[str] = set()
     out: list[FeedbackMessage] = []
     for k in range(n):
         c = cases[k % len(cases)]
         items = [gt["items"][i] for i in c.candidates]
-        present = {a: sorted({it[a] for it in items}) for a in VOCAB}
+        present = {a: sorted({it[a] for it in items}) for a in vocab}
         likes = current_likes(gt["users"][c.user_id]) if c.user_id in gt["users"] else {}
         kind = ("both", "ask", "ban")[k % 3]
         msg = None
         for _ in range(100):
-            msg = _draw(rng, c.user_id, kind, present, likes)
+            msg = _draw(rng, c.user_id, kind, vocab, present, likes)
             if msg.text not in used:
                 break
         assert msg is not None
@@ -191,15 +215,15 @@ def script_messages(cases: Sequence[EvalCase], gt: Mapping[str, Mapping], n: int
     return out
 
 
-def _draw(rng: random.Random, user_id: str, kind: str, present: Mapping[str, Sequence[str]],
-          likes: Mapping[str, str]) -> FeedbackMessage:
+def _draw(rng: random.Random, user_id: str, kind: str, vocab: Mapping[str, Sequence[str]],
+          present: Mapping[str, Sequence[str]], likes: Mapping[str, str]) -> FeedbackMessage:
     ask = ban = None
     if kind in ("both", "ask"):
-        a = rng.choice(list(VOCAB))
-        options = [v for v in present[a] if v != likes.get(a)] or [v for v in VOCAB[a] if v != likes.get(a)]
+        a = rng.choice(list(vocab))
+        options = [v for v in present[a] if v != likes.get(a)] or [v for v in vocab[a] if v != likes.get(a)]
         ask = Request(a, rng.choice(options))
     if kind in ("both", "ban"):
-        b = rng.choice(list(VOCAB))
+        b = rng.choice(list(vocab))
         options = [v for v in present[b] if ask is None or Request(b, v) != ask]
         liked = likes.get(b)
         ban = Request(b, liked if liked in options and rng.random() < 0.5 else rng.choice(options))

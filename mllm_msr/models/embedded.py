@@ -333,14 +333,12 @@ _TINY_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
 def _tiny_corpus() -> list[str]:
-    """Local text for the tiny tokenizer: captions of every cover, chat scaffolding, yes/no."""
+    """Local text for the tiny tokenizer: captions of every cover of the default catalog (the tiny
+    test model is not tied to a dataset; other catalogs' words tokenize by bytes), chat scaffolding,
+    yes/no."""
     from mllm_msr.data import covers
 
-    lines = []
-    for c in covers.COLOURS:
-        for s in covers.SHAPES:
-            for p in covers.PATTERNS:
-                lines.append(covers.caption(c, s, p))
+    lines = [covers.caption(*combo) for combo in covers.DEFAULT_CATALOG.combinations()]
     lines += [
         "system", "user", "assistant", "You are a helpful AI assistant.",
         "Describe the cover.", "Describe this image in one sentence.",
