@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from mllm_msr.data.schema import Item
 from mllm_msr.hashing import digest
@@ -35,6 +35,16 @@ class MemoryConfig(BaseModel):
                                 "with; null = the base model; auto = the shipped 'memory' adapter for the "
                                 "embedded default (trained by `msr finetune memory`), else the base model.")
     prompt_dir: str | None = Field(None, description="Folder of prompt files (default: the packaged prompts/).")
+    item_titles: bool = Field(True, description="Show each history item to the memory as 'title: summary' (true) "
+                              "or as its summary alone (false; the paper's user summarizer reads item "
+                              "summaries). Left out of the dump when true, so earlier cache keys stay valid.")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        if self.item_titles:
+            data.pop("item_titles", None)
+        return data
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,9 @@ class UserMemory:
 
     def _lines(self, ids: Sequence[str], catalog: Mapping[str, Item],
                summaries: Mapping[str, ItemSummary]) -> str:
-        return render_items([(catalog[i].title, summaries[i].summary) for i in ids])
+        if self.cfg.item_titles:
+            return render_items([(catalog[i].title, summaries[i].summary) for i in ids])
+        return render_items([summaries[i].summary for i in ids])
 
     def update_many(self, histories: Sequence[UserHistory], catalog: Mapping[str, Item],
                     summaries: Mapping[str, ItemSummary],
@@ -101,7 +113,7 @@ class UserMemory:
                 prev = latest[uid]
                 block = h.items[s:e]
                 key = digest("user", uid, prev.key if prev else None, [summaries[i].key for i in block],
-                             self.p_block.version, self.llm.model_id, *self._adapter_key())
+                             self.p_block.version, self.llm.model_id, *self._version_key())
                 hit = self.store.get_user_version(key)
                 if hit is not None:
                     latest[uid] = hit
@@ -129,12 +141,14 @@ class UserMemory:
                 progress(len(new))
         return chain
 
-    def _adapter_key(self) -> tuple[str, ...]:
-        """What a stored version depends on beyond prompt and model: the memory adapter's weights
-        (nothing for the base model, so versions written before adapters existed stay valid)."""
+    def _version_key(self) -> tuple[str, ...]:
+        """What a stored version depends on beyond prompt and model: the memory adapter's weights and
+        how items are shown (nothing for the base model with titles shown, so versions written
+        before these settings existed stay valid)."""
+        rendering = () if self.cfg.item_titles else ("summaries-only",)  # how items are shown
         if self.adapter is None:
-            return ()
-        return (self.adapter, self.adapter_sha256 or "")
+            return rendering
+        return (self.adapter, self.adapter_sha256 or "", *rendering)
 
     def _direct(self, histories: Sequence[UserHistory], catalog: Mapping[str, Item],
                 summaries: Mapping[str, ItemSummary],
@@ -145,7 +159,7 @@ class UserMemory:
             if not h.items:
                 continue
             key = digest("user-direct", h.user_id, [summaries[i].key for i in h.items],
-                         self.p_direct.version, self.llm.model_id, *self._adapter_key())
+                         self.p_direct.version, self.llm.model_id, *self._version_key())
             hit = self.store.get_user_version(key)
             if hit is not None:
                 out[h.user_id] = hit

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,10 +115,12 @@ class Prompt:
         return ChatRequest.user(parts, system=system, adapter=adapter, prefill=self.prefill(**values))
 
 
-def render_items(lines: list[tuple[str, str]]) -> str:
-    """Numbered item list for user prompts: (title, summary) pairs, each neutralised and delimited."""
-    return "\n".join(f"{i}. <data>{neutralise(t, 200)}: {neutralise(s, 600)}</data>"
-                     for i, (t, s) in enumerate(lines, 1))
+def render_items(lines: Sequence[tuple[str, str] | str]) -> str:
+    """Numbered item list for user prompts: (title, summary) pairs or summaries alone, each
+    neutralised and delimited."""
+    return "\n".join(f"{i}. <data>{neutralise(x, 600)}</data>" if isinstance(x, str)
+                     else f"{i}. <data>{neutralise(x[0], 200)}: {neutralise(x[1], 600)}</data>"
+                     for i, x in enumerate(lines, 1))
 
 
 def load_prompt(name: str, directory: str | Path | None = None) -> Prompt:

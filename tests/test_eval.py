@@ -285,6 +285,23 @@ def test_row_cache_key_follows_only_the_rows_own_adapter(ds, tmp_path):
     assert after["zero_shot"] == keys["zero_shot"] and after["mllm_msr"] != keys["mllm_msr"]
 
 
+
+def test_row_cache_key_ignores_where_summaries_are_kept_but_not_what_the_row_reads(ds, tmp_path):
+    """A row computed against another store (or run folder) is the same row; a memory setting is not."""
+    from mllm_msr.evaluation.run import row_config, row_key
+
+    adapters = _fake_adapters(tmp_path)
+
+    def key(*sets: str) -> str:
+        cfg = load_config(None, [adapters, *sets])
+        ctx = EvalContext(dataset=ds, protocol=ProtocolConfig(), out_dir=tmp_path, baseline_cfg=FAST, msr_cfg=cfg)
+        return row_key(ctx, ROWS["mllm_msr"], 0, row_config(ctx, ROWS["mllm_msr"], 0))
+
+    base = key(f"store.path={tmp_path / 'a'}", f"run_dir={tmp_path / 'r1'}")
+    assert key(f"store.path={tmp_path / 'b'}", f"run_dir={tmp_path / 'r2'}") == base
+    assert key("store.host=127.0.0.1", "store.port=9") == base
+    assert key(f"store.path={tmp_path / 'a'}", "memory.item_titles=false") != base
+
 # ------------------------------------------------------------- committed rows (results/<dataset>/rows)
 
 @pytest.fixture

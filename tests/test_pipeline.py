@@ -23,6 +23,7 @@ from mllm_msr.data.protocol import ProtocolConfig, build_splits
 from mllm_msr.graphs.pipeline import compile_pipeline, sqlite_checkpointer, thread
 from mllm_msr.metrics import evaluate
 from mllm_msr.pipeline import build_services, run_cases
+from mllm_msr.prompting import render_items
 from mllm_msr.prompts import PROMPT_DIR
 from mllm_msr.stores.summaries import StoreConfig
 
@@ -90,6 +91,24 @@ def test_recurrent_memory_is_incremental(services, dataset):
     # block prompts carry the previous summary (recurrence)
     last_prompt = mem.llm.prompts[-1].user_content[0]["text"]
     assert v6.summary in last_prompt
+
+
+def test_memory_can_read_item_summaries_without_titles_under_its_own_cache_key(services, dataset):
+    seq = [i.item_id for i in dataset.sequences()[dataset.users[2]]][:3]
+    sums = services.summarizer.summarize([dataset.items[i] for i in seq])
+    mem = services.memory
+    hist = [UserHistory("t", tuple(seq), (0.0, 1.0, 2.0))]
+    with_titles = mem.update_many(hist, dataset.items, sums)["t"]
+    prompt = mem.llm.prompts[-1].user_content[0]["text"]
+    titled = render_items([(dataset.items[i].title, sums[i].summary) for i in seq])
+    assert titled in prompt
+    calls = mem.model_calls
+    mem.cfg = MemoryConfig(item_titles=False)
+    assert "item_titles" in mem.cfg.model_dump() and "item_titles" not in MemoryConfig().model_dump()
+    without = mem.update_many(hist, dataset.items, sums)["t"]
+    assert mem.model_calls == calls + 1 and without.key != with_titles.key  # not served from the titled cache
+    prompt = mem.llm.prompts[-1].user_content[0]["text"]
+    assert render_items([sums[i].summary for i in seq]) in prompt and titled not in prompt
 
 
 def test_direct_mode_is_one_call_per_user(services, dataset):

@@ -102,7 +102,9 @@ def row_key(ctx: EvalContext, row: Row, seed: int, llm_cfg: MSRConfig | None = N
     if row.kind == "baseline":
         return _hash(*common, ctx.baseline_cfg.model_dump(), ctx.tune and (ctx.grid or BaselineGrid()).model_dump())
     assert llm_cfg is not None
-    cfg = llm_cfg.model_dump(exclude={"run_dir", "seed", "max_test_users"})
+    # where summaries are kept (store) or written (run_dir) never changes a score: stored summaries
+    # are keyed by their inputs, so the same row computed against another store is the same row
+    cfg = llm_cfg.model_dump(exclude={"run_dir", "seed", "max_test_users", "store"})
     # only the adapter this row scores with: re-shipping another adapter must not recompute it
     name = llm_cfg.recommender.adapter
     cfg["scorer"].pop("adapters", None)
