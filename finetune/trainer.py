@@ -263,15 +263,17 @@ def train_sft(cfg: SFTConfig, examples: Sequence[SFTExample | Sequence[Any]], mo
     return metrics
 
 
-def _end_process_group() -> None:
-    """Leave the DDP group explicitly: every rank waits for the others, then the group is destroyed.
+def _end_process_group(world: int) -> None:
+    """Leave the DDP group explicitly (only under torchrun, world > 1): every rank waits for the
+    others, then the group is destroyed.
 
     Left to interpreter exit, gloo's worker threads can be torn down while still joinable
     ("terminate called without an active exception", SIGABRT on a rank that finished first).
+    A one-process run leaves any group alone: an in-process vLLM engine owns one of its own.
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if world > 1 and dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
@@ -343,7 +345,7 @@ def train_lora(cfg: SFTConfig, encode: Callable[[], list[dict[str, Any]]], be, *
     if not trainer.is_world_process_zero():  # process 0 writes the log, adapter and metrics
         steps = trainer.state.global_step
         del trainer, model
-        _end_process_group()
+        _end_process_group(world)
         return {"global_step": steps, "rank": rank, "world_size": world}
     history = trainer.state.log_history
     (out / "train_log.json").write_text(json.dumps(history, indent=1))
@@ -363,7 +365,7 @@ def train_lora(cfg: SFTConfig, encode: Callable[[], list[dict[str, Any]]], be, *
         "resumed_from": str(resume_from_checkpoint) if resume_from_checkpoint else None,
     }
     del trainer, model
-    _end_process_group()
+    _end_process_group(world)
     be.close()
     metrics["wall_s"] = round(time.perf_counter() - t_start, 2)
     return metrics

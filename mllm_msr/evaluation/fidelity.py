@@ -17,6 +17,9 @@ ITEM_ATTRS = ("colour", "pattern", "shape", "genre")
 USER_ATTRS = {"colour": "colour", "pattern": "pattern", "genre": "genre"}
 
 
+# the chain's links in order (records stored with sorted keys are rendered back in this order)
+STAGES = ("image description (MLLM)", "fused item summary", "final user summary (current liked value)")
+
 def names(text: str, value: str) -> bool:
     return re.search(rf"\b{re.escape(value.lower())}\b", text.lower()) is not None
 
@@ -61,6 +64,6 @@ def chain_fidelity(bench_root: str | Path, image_descriptions: Mapping[str, str]
     def pick(d: Mapping[str, str]) -> dict[str, str]:
         return {k: v for k, v in d.items() if keep is None or k in keep}
 
-    return {"image description (MLLM)": item_fidelity(pick(image_descriptions), gt["items"]),
-            "fused item summary": item_fidelity(pick(item_summaries), gt["items"]),
-            "final user summary (current liked value)": user_fidelity(user_summaries, gt["users"])}
+    return dict(zip(STAGES, (item_fidelity(pick(image_descriptions), gt["items"]),
+                             item_fidelity(pick(item_summaries), gt["items"]),
+                             user_fidelity(user_summaries, gt["users"])), strict=True))

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mllm_msr.evaluation.fidelity import STAGES
 from mllm_msr.evaluation.rows import REFERENCE_ROW, ROWS
 from mllm_msr.metrics import user_bootstrap
 
@@ -167,7 +168,8 @@ def render_fidelity(fid: dict) -> str:
     attrs = ("colour", "pattern", "shape", "genre")
     lines = ["| stage (share naming the true value) | n | " + " | ".join(attrs) + " |",
              "|---|---|" + "---|" * len(attrs)]
-    for stage, d in fid.items():
+    rank = {s: i for i, s in enumerate(STAGES)}
+    for stage, d in sorted(fid.items(), key=lambda kv: rank.get(kv[0], len(rank))):
         cells = [f"{d[a]:.0%}" if d.get(a) is not None else "–" for a in attrs]
         lines.append(f"| {stage} | {d['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
