@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kept {report['kept']} (target >= {KEPT_TARGET}: {'met' if report['kept_met'] else 'NOT met'}); "
           f"kept_ask {report['kept_ask']}, dropped_ban {report['dropped_ban']}, both {report['kept_both']}; "
           f"unchanged summary: kept {b['kept']}, kept_ask {b['kept_ask']}, dropped_ban {b['dropped_ban']}")
+    if report.get("model_words"):
+        mw = report["model_words"]
+        print(f"the model's own words (the user's verbatim message removed): kept {mw['kept']}, "
+              f"kept_ask {mw['kept_ask']}, dropped_ban {mw['dropped_ban']}")
     print(f"mean rank change (+ = up): ask {rc['ask']}, ban {rc['ban']}, both {rc['both']}, other {rc['other']} "
           f"(n {report['n_ranked']})")
     ratio = round(report["kept"] / KEPT_TARGET, 3) if report["kept"] is not None else None

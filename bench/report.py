@@ -53,7 +53,10 @@ def _summarize(r: dict) -> str:
 def _feedback(r: dict) -> str:
     rc = r["rank_change"]
     return (f"{r['n_messages']} messages, {r['n_users']} users: **kept {r['kept']:.0%}** (ask {r['kept_ask']:.0%}, "
-            f"ban dropped {r['dropped_ban']:.0%}; unchanged summary {r['before']['kept']:.0%}); mean rank change "
+            f"ban dropped {r['dropped_ban']:.0%}; unchanged summary {r['before']['kept']:.0%}"
+            + (f"; the model's own words, the user's quote removed: kept {mw['kept']:.0%}, ask {mw['kept_ask']:.0%}"
+               if (mw := r.get("model_words")) else "")
+            + "); mean rank change "
             f"ask {rc['ask']:+.2f}, ban {rc['ban']:+.2f}, other {rc['other']:+.2f}")
 
 

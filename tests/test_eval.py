@@ -301,6 +301,19 @@ def test_row_cache_key_ignores_where_summaries_are_kept_but_not_what_the_row_rea
     assert key(f"store.path={tmp_path / 'b'}", f"run_dir={tmp_path / 'r2'}") == base
     assert key("store.host=127.0.0.1", "store.port=9") == base
     assert key(f"store.path={tmp_path / 'a'}", "memory.item_titles=false") != base
+    # an edited prompt the row reads is a new row; the chat-feedback prompt (no row reads it) is not
+    import shutil
+
+    from mllm_msr.prompts import PROMPT_DIR
+
+    for name, changes in (("user_block", True), ("user_feedback", False)):
+        d = tmp_path / f"prompts-{name}"
+        shutil.copytree(PROMPT_DIR, d, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+        f = d / f"{name}.yaml"
+        f.write_text(f.read_text().replace("system: You", "system: Now you"))
+        edited = key(f"store.path={tmp_path / 'a'}", f"memory.prompt_dir={d}", f"items.prompt_dir={d}",
+                     f"recommender.prompt_dir={d}")
+        assert (edited != base) is changes, name
 
 # ------------------------------------------------------------- committed rows (results/<dataset>/rows)
 

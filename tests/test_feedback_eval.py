@@ -158,6 +158,8 @@ def test_a_memory_that_keeps_the_message_scores_one(synth_dataset, tmp_path):
     assert report["n_messages"] == len(rows) == 50 and report["n_users"] == 4
     assert report["kept"] == report["kept_ask"] == report["dropped_ban"] == report["kept_both"] == 1.0
     assert report["kept_met"]
+    # it only quoted the user: with the verbatim message removed, the model itself kept no ask
+    assert report["model_words"]["kept_ask"] == 0.0 and report["model_words"]["dropped_ban"] == 1.0
     # the unchanged summary names nothing: the control keeps no ask
     assert report["before"]["kept_ask"] == 0.0 and report["before"]["dropped_ban"] == 1.0
     assert sum(v["n_ask"] for v in report["by_attribute"].values()) == sum(r["ask"] is not None for r in rows)

@@ -265,10 +265,12 @@ def run_feedback(s: Services, cases: Sequence[EvalCase], messages: Sequence[Feed
         new_scores = s.recommender.score(s.preference_text(c.history, new.summary, summaries),
                                          s.items(c.candidates, f"user {c.user_id} candidates"))
         f_before, f_after = flags(old, m), flags(new.summary, m)
+        # what the model wrote itself: the summary without any verbatim copy of the user's message
+        f_model = flags(new.summary.replace(m.text, " "), m)
         rows.append({"user_id": m.user_id, "message": m.text,
                      "ask": asdict(m.ask) if m.ask else None, "ban": asdict(m.ban) if m.ban else None,
                      "summary_before": old, "summary_after": new.summary,
-                     "before": f_before, "after": f_after, "kept": kept(f_after),
+                     "before": f_before, "after": f_after, "after_model_words": f_model, "kept": kept(f_after),
                      "candidates": list(c.candidates), "groups": [group(gt_items[i], m) for i in c.candidates],
                      "rank_before": ranks(old_scores), "rank_after": ranks(new_scores)})
         if advance:
@@ -308,6 +310,10 @@ def feedback_report(rows: Sequence[dict]) -> dict:
     return {"n_messages": len(rows), "n_users": len({r["user_id"] for r in rows}),
             **after, "dropped_ban_stated": _share(stated), "n_ban_stated": len(stated),
             "before": _measures(rows, "before"),
+            # the same shares with the user's verbatim words removed from the new summary (a prompt that
+            # quotes the message keeps its requests by construction; this is what the model itself kept)
+            "model_words": _measures(rows, "after_model_words") if all("after_model_words" in r for r in rows)
+            else None,
             "rank_change": rank, "n_ranked": {g: len(v) for g, v in changes.items()}, "by_attribute": by_attr,
             "kept_target": KEPT_TARGET, "kept_met": after["kept"] is not None and after["kept"] >= KEPT_TARGET,
             "ask_up_met": rank["ask"] is not None and rank["ask"] > 0,

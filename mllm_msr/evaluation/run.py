@@ -44,6 +44,7 @@ from mllm_msr.pipeline import (
     memory_adapter_folder,
     score_cases,
 )
+from mllm_msr.prompting import list_prompts, load_prompt
 from mllm_msr.stores.summaries import SummaryStore
 
 log = logging.getLogger(__name__)
@@ -109,10 +110,23 @@ def row_key(ctx: EvalContext, row: Row, seed: int, llm_cfg: MSRConfig | None = N
     name = llm_cfg.recommender.adapter
     cfg["scorer"].pop("adapters", None)
     cfg["generator"].pop("adapters", None)
+    for role in ("items", "memory", "recommender"):  # prompts count by content (below), not by folder
+        cfg[role].pop("prompt_dir", None)
     weights = adapter_sha256(llm_cfg.scorer.adapters.get(name)) if name else None
     # the memory's adapter by content too: a retrained memory rewrites every summary the row reads
     memory = adapter_sha256(memory_adapter_folder(llm_cfg))
-    return _hash(*common, cfg, name, weights, *([memory] if memory else []))
+    return _hash(*common, cfg, name, weights, *([memory] if memory else []), _prompt_versions(llm_cfg))
+
+
+# prompts no evaluation row reads (chat feedback): editing them must not recompute a row
+_UNSCORED_PROMPTS = frozenset({"user_feedback"})
+
+
+def _prompt_versions(cfg: MSRConfig) -> dict[str, dict[str, str]]:
+    """The content hash of every prompt file a row's roles read: an edited prompt is a new row."""
+    dirs = {"items": cfg.items.prompt_dir, "memory": cfg.memory.prompt_dir, "recommender": cfg.recommender.prompt_dir}
+    return {role: {n: load_prompt(n, d).version for n in list_prompts(d) if n not in _UNSCORED_PROMPTS}
+            for role, d in dirs.items()}
 
 
 def skip_reason(ctx: EvalContext, row: Row, seed: int, splits: Splits) -> str | None:
