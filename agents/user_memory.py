@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from mllm_msr.data.schema import Item
-from mllm_msr.hashing import digest
+from mllm_msr.hashing import digest, omit_at_default
 from mllm_msr.models.base import ChatRequest, ModelBackend
 from mllm_msr.prompting import load_prompt, neutralise, render_items
 from mllm_msr.stores.summaries import ItemSummary, SummaryStore, UserSummaryVersion
@@ -41,10 +41,7 @@ class MemoryConfig(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
-        data = handler(self)
-        if self.item_titles:
-            data.pop("item_titles", None)
-        return data
+        return omit_at_default(handler(self), self, "item_titles")
 
 
 @dataclass(frozen=True)

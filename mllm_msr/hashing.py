@@ -34,3 +34,12 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def omit_at_default(data: dict[str, Any], model: Any, *fields: str) -> dict[str, Any]:
+    """``data`` (a pydantic model's dump) without ``fields`` that still hold their declared default:
+    a setting added later leaves every hash, cache key and file of the settings before it unchanged."""
+    for name in fields:
+        if getattr(model, name) == type(model).model_fields[name].default:
+            data.pop(name, None)
+    return data

@@ -38,7 +38,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from mllm_msr.data.covers import DEFAULT_CATALOG, Catalog, CatalogName, caption, draw_cover, get_catalog
-from mllm_msr.hashing import json_digest
+from mllm_msr.hashing import json_digest, omit_at_default
 from mllm_msr.paths import msr_home  # noqa: F401 (re-exported)
 
 GENERATOR_VERSION = "1"
@@ -71,10 +71,7 @@ class SynthConfig(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
-        data = handler(self)
-        if self.catalog == DEFAULT_CATALOG.name:
-            data.pop("catalog", None)
-        return data
+        return omit_at_default(handler(self), self, "catalog")
 
     def vocabulary(self) -> Catalog:
         return get_catalog(self.catalog)

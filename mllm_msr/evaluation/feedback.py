@@ -312,8 +312,7 @@ def feedback_report(rows: Sequence[dict]) -> dict:
             "before": _measures(rows, "before"),
             # the same shares with the user's verbatim words removed from the new summary (a prompt that
             # quotes the message keeps its requests by construction; this is what the model itself kept)
-            "model_words": _measures(rows, "after_model_words") if all("after_model_words" in r for r in rows)
-            else None,
+            "model_words": _measures(rows, "after_model_words"),
             "rank_change": rank, "n_ranked": {g: len(v) for g, v in changes.items()}, "by_attribute": by_attr,
             "kept_target": KEPT_TARGET, "kept_met": after["kept"] is not None and after["kept"] >= KEPT_TARGET,
             "ask_up_met": rank["ask"] is not None and rank["ask"] > 0,
