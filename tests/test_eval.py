@@ -422,3 +422,25 @@ def test_committed_row_files_are_byte_identical_across_identical_runs(suite, tmp
     before = {f: (tmp_path / "ra" / f).stat().st_mtime_ns for f in files}
     run(["popularity", "mllm_msr"], "c", results="ra")  # reused: the files are not even rewritten
     assert {f: (tmp_path / "ra" / f).stat().st_mtime_ns for f in files} == before
+
+
+def test_a_row_running_the_reference_config_reuses_its_record(suite, tmp_path):
+    """The block-size sweep's default size is the paper row itself: its scores are never computed
+    twice, and it is listed under its own name with the same per-user scores."""
+    from mllm_msr.evaluation import store
+
+    run, counts = suite
+    run(["mllm_msr"], "out")
+    assert counts["scored"] > 0
+    counts.update(fits=[], scored=0)
+    payload = run(["block_3", "block_2"], "out")
+    ref = store.load(store.row_path(tmp_path / "results", "mllm_msr", 0))
+    same = store.load(store.row_path(tmp_path / "results", "block_3", 0))
+    assert ref is not None and same is not None
+    assert same["same_as"] == "mllm_msr" and same["label"] == "MLLM-MSR, block size 3"
+    assert [c["scores"] for c in same["cases"]] == [c["scores"] for c in ref["cases"]]
+    assert "fidelity" not in same and same["cache_key"] != ref["cache_key"]
+    n_users = len(ref["cases"]) + 2  # test + validation users: only block_2 is scored
+    assert counts["scored"] == n_users * len(ref["cases"][0]["candidates"])
+    b3 = payload["rows"]["block_3"]["test"]["all"]["auc"]
+    assert b3["diff"]["value"] == 0.0 and b3["value"] == payload["rows"]["mllm_msr"]["test"]["all"]["auc"]["value"]

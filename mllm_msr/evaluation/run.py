@@ -31,7 +31,7 @@ from mllm_msr.data.protocol import EvalCase, ProtocolConfig, Splits, build_split
 from mllm_msr.data.schema import Dataset
 from mllm_msr.evaluation import store
 from mllm_msr.evaluation.baselines import BASELINES, BaselineConfig, BaselineGrid, tune
-from mllm_msr.evaluation.rows import ROWS, Row
+from mllm_msr.evaluation.rows import REFERENCE_ROW, ROWS, Row
 from mllm_msr.metrics import evaluate
 from mllm_msr.models.base import ModelBackend
 from mllm_msr.paths import adapter_sha256
@@ -258,6 +258,21 @@ def _reusable(ctx: EvalContext, path: Path, key: str, seed: int, rkey: str) -> t
     return None, "computed"
 
 
+def _same_as_reference(ctx: EvalContext, eval_dir: Path, row: Row, seed: int, cfg: MSRConfig,
+                       rkey: str) -> dict | None:
+    """The reference row's record, relabelled, when ``row`` runs exactly the reference row's config
+    (e.g. the block-size sweep's default size): the same scores, never computed twice."""
+    ref = ROWS[REFERENCE_ROW]
+    if row.key == ref.key or row_config(ctx, ref, seed) != cfg:
+        return None
+    rec, _ = _reusable(ctx, eval_dir / ref.key / f"{seed}.json", ref.key, seed, row_key(ctx, ref, seed, cfg))
+    if rec is None:
+        return None
+    log.info("row %s seed %s runs the %s config: its record is reused", row.key, seed, ref.key)
+    rec = {k: v for k, v in rec.items() if k != "fidelity"}  # the diagnostic stays with the reference row
+    return {**rec, "row": row.key, "label": row.label, "cache_key": rkey, "same_as": ref.key}
+
+
 def _stamp(ctx: EvalContext, rec: dict[str, Any], seed: int) -> dict[str, Any]:
     """What a committed record must name to be compared with later evaluations (all of it in the
     cache key already), the command that produced it, and scores rounded as they are stored."""
@@ -292,9 +307,12 @@ def run_eval(ctx: EvalContext, rows: Sequence[str], seeds: Sequence[int] = (0,))
             rkey = row_key(ctx, row, seed, llm_cfg)
             path = eval_dir / key / f"{seed}.json"
             rec, source = _reusable(ctx, path, key, seed, rkey)
+            if rec is None and llm_cfg is not None:
+                rec = _same_as_reference(ctx, eval_dir, row, seed, llm_cfg, rkey)
+                source = f"same config as {REFERENCE_ROW}" if rec is not None else source
             if rec is not None:
                 entry["per_seed"][seed], entry["source"][seed] = _stamp(ctx, rec, seed), source
-                if source == "cache" and ctx.results_dir is not None:
+                if source != "committed" and ctx.results_dir is not None:
                     store.save(ctx.results_dir, rec)
                 log.info("row %s seed %s: reused its %s record", key, seed, source)
                 continue
