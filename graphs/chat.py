@@ -10,10 +10,11 @@ import time
 from typing import Annotated
 
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
+from langgraph.cache.base import BaseCache
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
-from mllm_msr.graphs.nodes import _event, make_recommend, make_retrieve
+from mllm_msr.graphs.nodes import _event, make_recommend, make_retrieve, recommend_cache
 from mllm_msr.graphs.state import RecState
 from mllm_msr.pipeline import NO_PREFERENCES, Services
 
@@ -68,7 +69,7 @@ def build_chat_graph(s: Services) -> StateGraph:
     g.add_node("listen", make_listen(s))
     g.add_node("retrieve", make_retrieve(s))
     g.add_node("exclude_seen", make_exclude_seen(s))
-    g.add_node("recommend", make_recommend(s))
+    g.add_node("recommend", make_recommend(s), cache_policy=recommend_cache(s))
     g.add_node("respond", make_respond(s))
     g.add_edge(START, "listen")
     g.add_edge("listen", "retrieve")
@@ -79,5 +80,7 @@ def build_chat_graph(s: Services) -> StateGraph:
     return g
 
 
-def compile_chat(s: Services, checkpointer=None):
-    return build_chat_graph(s).compile(checkpointer=checkpointer)
+def compile_chat(s: Services, checkpointer=None, cache: BaseCache | None = None):
+    """The compiled chat graph; with ``cache`` (``graphs.pipeline.make_node_cache``) a repeated ranking is
+    not recomputed."""
+    return build_chat_graph(s).compile(checkpointer=checkpointer, cache=cache)

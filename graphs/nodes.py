@@ -9,9 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from langgraph.types import CachePolicy
+
 from mllm_msr.agents.retriever import retrieve
 from mllm_msr.agents.user_memory import UserHistory
 from mllm_msr.graphs.state import RecState
+from mllm_msr.hashing import digest
 from mllm_msr.pipeline import NO_PREFERENCES, Services
 
 Node = Callable[[RecState], dict]
@@ -70,6 +73,19 @@ def make_recommend(s: Services) -> Node:
         return {"ranking": [{"item_id": i, "title": s.catalog[i].title, "score": sc} for i, sc in ranked],
                 "events": [_event("recommend", t0, candidates=len(items))]}
     return recommend
+
+
+def recommend_cache(s: Services) -> CachePolicy:
+    """LangGraph's node cache policy for ``recommend``: the same user, preference text, candidates
+    and scorer (model, adapter content, prompts: ``Services.scorer_key``) give the same ranking, so a
+    repeated request is answered from the graph's cache without loading a model. The leak guard
+    runs in the key, so a cache hit is guarded like a computed ranking."""
+    def key(state: RecState) -> str:
+        uid = state["user_id"]
+        s.check_users([uid])
+        text = s.preference_text(list(state.get("history", [])), state.get("user_summary"))
+        return digest("recommend", uid, s.scorer_key, text, list(state.get("candidates", [])))
+    return CachePolicy(key_func=key)
 
 
 def needs_retrieval(state: RecState) -> str:

@@ -10,6 +10,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from langgraph.cache.base import BaseCache
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 
@@ -20,6 +21,7 @@ from mllm_msr.graphs.nodes import (
     make_summarize_items,
     make_update_memory,
     needs_retrieval,
+    recommend_cache,
 )
 from mllm_msr.graphs.state import RecState
 from mllm_msr.pipeline import Services
@@ -61,13 +63,22 @@ def make_checkpointer(cfg: MSRConfig, name: str = "checkpoints") -> BaseCheckpoi
     raise ValueError(f"checkpointer {url!r}: expected sqlite:///PATH or postgresql://…")
 
 
+def make_node_cache(cfg: MSRConfig) -> BaseCache:
+    """LangGraph's SQLite node cache at ``run_dir/node_cache.sqlite``: nodes compiled with a cache
+    policy (``recommend``) answer a repeated input from it, across processes."""
+    from langgraph.cache.sqlite import SqliteCache
+
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    return SqliteCache(path=str(Path(cfg.run_dir) / "node_cache.sqlite"))
+
+
 def build_pipeline_graph(services: Services) -> StateGraph:
     """The uncompiled builder, for users who want to add or swap nodes before compiling."""
     g = StateGraph(RecState)
     g.add_node("summarize_items", make_summarize_items(services))
     g.add_node("update_memory", make_update_memory(services))
     g.add_node("retrieve", make_retrieve(services))
-    g.add_node("recommend", make_recommend(services))
+    g.add_node("recommend", make_recommend(services), cache_policy=recommend_cache(services))
     g.add_edge(START, "summarize_items")
     g.add_edge("summarize_items", "update_memory")
     g.add_conditional_edges("update_memory", needs_retrieval, ["retrieve", "recommend"])
@@ -76,8 +87,9 @@ def build_pipeline_graph(services: Services) -> StateGraph:
     return g
 
 
-def compile_pipeline(services: Services, checkpointer: Any = None):
-    return build_pipeline_graph(services).compile(checkpointer=checkpointer)
+def compile_pipeline(services: Services, checkpointer: Any = None, cache: BaseCache | None = None):
+    """The compiled pipeline; with ``cache`` (:func:`make_node_cache`) a repeated ranking is not recomputed."""
+    return build_pipeline_graph(services).compile(checkpointer=checkpointer, cache=cache)
 
 
 def thread(user_id: str) -> dict:

@@ -139,6 +139,35 @@ def test_graph_ranks_given_candidates_and_checkpoints_per_user(services, dataset
     assert graph2.get_state(thread("someone-else")).values == {}
 
 
+def test_a_repeated_ranking_comes_from_the_node_cache_across_processes(services, dataset, tmp_path):
+    """`msr recommend` / `msr chat` compile with LangGraph's SQLite node cache: the same user, text,
+    candidates and scorer are ranked once; anything the scores depend on changes the key; the leak
+    guard still runs on a cache hit."""
+    from mllm_msr.graphs.pipeline import make_node_cache
+
+    case = build_splits(dataset, ProtocolConfig()).test[0]
+    state = {"user_id": case.user_id, "history": list(case.history),
+             "history_timestamps": list(case.history_timestamps), "candidates": list(case.candidates)}
+    first = compile_pipeline(services, cache=make_node_cache(services.cfg)).invoke(state)
+    assert services.recommender.model_calls == 21
+    # a new process: new services on the same store and run folder, a new cache object
+    again = build_services(services.cfg, dataset, generator=CountingChat(), scorer=OverlapScorer(),
+                           store=services.store)
+    guarded: list[list[str]] = []
+    again.check_users = guarded.append  # type: ignore[method-assign]
+    second = compile_pipeline(again, cache=make_node_cache(again.cfg)).invoke(state)
+    assert second["ranking"] == first["ranking"] and again.recommender.model_calls == 0
+    assert guarded == [[case.user_id]]
+    fewer = compile_pipeline(again, cache=make_node_cache(again.cfg)).invoke(
+        {**state, "candidates": state["candidates"][:5]})
+    assert again.recommender.model_calls == 5 and len(fewer["ranking"]) == 5
+    # another scorer (adapter, model or prompt: Services.scorer_key) is another key
+    again.scorer_key = "another scorer"
+    compile_pipeline(again, cache=make_node_cache(again.cfg)).invoke(state)
+    assert again.recommender.model_calls == 5 + 21
+    assert (Path(services.cfg.run_dir) / "node_cache.sqlite").is_file()
+
+
 def test_graph_retrieves_candidates_when_none_given(services, dataset):
     services.summarizer.summarize(list(dataset.items.values()))
     uid = dataset.users[0]

@@ -75,7 +75,7 @@ def recommend(user: str = UserOpt, top: int = typer.Option(10, help="How many it
               config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
     """One user's preference summary and top items with scores (runs the LangGraph pipeline)."""
     from mllm_msr.data.protocol import build_splits
-    from mllm_msr.graphs.pipeline import compile_pipeline, make_checkpointer, thread
+    from mllm_msr.graphs.pipeline import compile_pipeline, make_checkpointer, make_node_cache, thread
     from mllm_msr.graphs.prepare import interactive_config, prepare_user, rich_advance
     from mllm_msr.pipeline import build_services, finalize_config, load_data
 
@@ -92,7 +92,7 @@ def recommend(user: str = UserOpt, top: int = typer.Option(10, help="How many it
     services = build_services(cfg, ds)
     with Progress(console=console) as prog:  # this user's history (+ candidates) only, never the catalog
         prepare_user(services, user, history, ts, candidates, rich_advance(prog))
-    graph = compile_pipeline(services, make_checkpointer(cfg))
+    graph = compile_pipeline(services, make_checkpointer(cfg), make_node_cache(cfg))
     state = graph.invoke({"user_id": user, "history": history, "history_timestamps": ts,
                           "candidates": candidates}, thread(user))
     console.print(f"[bold]user {user}[/] — history of {len(history)} items")
@@ -130,7 +130,7 @@ def chat(user: str = UserOpt, config: Path | None = ConfigOpt, set_: list[str] |
     from langchain_core.messages import HumanMessage
 
     from mllm_msr.graphs.chat import compile_chat
-    from mllm_msr.graphs.pipeline import make_checkpointer, thread
+    from mllm_msr.graphs.pipeline import make_checkpointer, make_node_cache, thread
     from mllm_msr.graphs.prepare import interactive_config, prepare_user, rich_advance
     from mllm_msr.pipeline import build_services, finalize_config, load_data
 
@@ -142,7 +142,7 @@ def chat(user: str = UserOpt, config: Path | None = ConfigOpt, set_: list[str] |
     console.print(f"summarizing {user}'s {len(hist)} history items and preferences (cached after the first time)…")
     with Progress(console=console) as prog:  # this user's history only, never the catalog
         prepare_user(s, user, hist, [i.timestamp for i in seqs[user]], advance=rich_advance(prog))
-    graph = compile_chat(s, make_checkpointer(cfg, "chat"))
+    graph = compile_chat(s, make_checkpointer(cfg, "chat"), make_node_cache(cfg))
     conf = thread(f"chat:{user}")
     console.print(f"[bold]chatting as {user}[/] ({len(hist)} items in history). Empty line = recommend, "
                   "'quit' to stop.")
