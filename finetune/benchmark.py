@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from mllm_msr.finetune.config import SFTConfig
-from mllm_msr.finetune.examples import examples_from_sequences, examples_from_store, save_examples_jsonl
+from mllm_msr.finetune.examples import (
+    examples_from_sequences,
+    examples_from_store,
+    item_counts,
+    save_examples_jsonl,
+)
 from mllm_msr.finetune.trainer import copy_adapter, train_sft
 from mllm_msr.hashing import file_sha256
 
@@ -87,12 +92,15 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
     valid_cases = splits.valid[: max_valid_users or None]
     h_va, f_va = _histories(splits, [c.user_id for c in valid_cases], valid_cases)
     hist = {**h_tr, **h_va}
+    # negatives by training popularity: counted on every training user's sequence, never on validation
+    popularity = item_counts(_histories(splits, list(splits.train_users))[1]) if sft_cfg.negatives == "popularity" \
+        else None
     if titles:  # 2'. examples straight from the sequences
         def titles_text(before: list[str]) -> str:
             return services.preference_text(before, None)
 
-        train_ex = examples_from_sequences(f_tr, f_tr, catalog, titles_text, seed=cfg.seed)
-        valid_ex = examples_from_sequences(f_va, f_va, catalog, titles_text, seed=cfg.seed)
+        train_ex = examples_from_sequences(f_tr, f_tr, catalog, titles_text, seed=cfg.seed, popularity=popularity)
+        valid_ex = examples_from_sequences(f_va, f_va, catalog, titles_text, seed=cfg.seed, popularity=popularity)
     else:
         t0 = time.perf_counter()
         ids = list(dict.fromkeys(i for h in hist.values() for i in h.items))
@@ -109,7 +117,8 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
             return services.preference_text(before, summary, summaries)
 
         train_ex, valid_ex = (examples_from_store(services.store, f, f, catalog, seed=cfg.seed, context=context,
-                                                  positions=sft_cfg.positions) for f in (f_tr, f_va))
+                                                  positions=sft_cfg.positions, popularity=popularity)
+                              for f in (f_tr, f_va))
     save_examples_jsonl(train_ex, work / "train_examples.jsonl")
     save_examples_jsonl(valid_ex, work / "valid_examples.jsonl")
     log.info("SFT examples: %d train, %d valid", len(train_ex), len(valid_ex))

@@ -86,6 +86,12 @@ class SFTConfig(BaseModel):
     positions: Literal["all", "block_ends"] = Field("all",
         description="Benchmark SFT cases: every history position after the first summary ('all', ~3x the data) or only"
                     " where a summary version ends ('block_ends').")
+    negatives: Literal["uniform", "popularity"] = Field("uniform",
+        description="How benchmark SFT negatives are drawn from the items a user never touched: 'uniform' (the paper)"
+                    " or 'popularity' (in proportion to how often each item occurs in the training users' sequences,"
+                    " so positives and negatives share one item prior and items unseen in training are never drawn;"
+                    " with uniform negatives an adapter can learn 'unseen item -> no' instead of the preference "
+                    "match).")
     log_example_order: bool = Field(False,
         description="Write the indices of the training examples each process drew, in order, to "
                     "output_dir/example_order.rank{R}.json (an audit of how distributed training shards the data).")

@@ -2,8 +2,11 @@
 
 From the pipeline's stored recurrent summaries (:func:`examples_from_store`): for every training
 user and every stored summary version (after block b, covering ``history[:e]``), the next item
-``seq[e]`` is a positive and one uniformly sampled never-touched item a negative (1:1, as the paper).
-TALLRec-style rows straight from the sequences: :func:`examples_from_sequences`.
+``seq[e]`` is a positive and one never-touched item a negative (1:1, as the paper), drawn uniformly
+or in proportion to the item's popularity in the training sequences (``popularity``: then positives
+and negatives share one item prior, and only the match between preference text and candidate tells
+them apart; items never seen in training are never drawn). TALLRec-style rows straight from the
+sequences: :func:`examples_from_sequences`.
 """
 from __future__ import annotations
 
@@ -71,10 +74,22 @@ def _next_position(seq: Sequence[str], covered: Sequence[str]) -> int | None:
     return None
 
 
+def item_counts(sequences: Mapping[str, Sequence[Any]]) -> dict[str, int]:
+    """How often each item occurs in ``sequences`` (user → item ids or Interactions): the
+    popularity that ``popularity=`` negative sampling draws by."""
+    counts: dict[str, int] = {}
+    for seq in sequences.values():
+        for x in seq:
+            i = getattr(x, "item_id", x)
+            counts[i] = counts.get(i, 0) + 1
+    return counts
+
+
 def examples_from_store(store, sequences: Mapping[str, Sequence[Any]], users: Iterable[str],
                         catalog: Mapping[str, Item], *, seed: int = 0, negatives: int = 1,
                         source: str = "history", positions: Literal["all", "block_ends"] = "all",
-                        context: Callable[[str, list[str]], str] | None = None) -> list[SFTExample]:
+                        context: Callable[[str, list[str]], str] | None = None,
+                        popularity: Mapping[str, int] | None = None) -> list[SFTExample]:
     """SFT examples from the pipeline's own stored recurrent summaries.
 
     ``sequences``: user → chronological item ids (or Interactions). Each stored version
@@ -82,9 +97,10 @@ def examples_from_store(store, sequences: Mapping[str, Sequence[Any]], users: It
     position. ``positions="block_ends"``: one case per version end e; ``"all"``: every position e
     after the first version's end, each with the latest summary whose window ends at or before e
     (the recent items in ``context`` fill the gap; about block_size times more data). At each case
-    ``seq[e]`` is a "yes" and ``negatives`` uniformly drawn items the user never touched are "no"
-    (seeded per user and position). ``context(summary, history_before_e)`` turns the summary into
-    the preference text the recommender shows (``Recommender.context`` with the recent items'
+    ``seq[e]`` is a "yes" and ``negatives`` items the user never touched are "no" (seeded per user
+    and position), drawn uniformly, or with ``popularity`` (item → count) in proportion to it.
+    ``context(summary, history_before_e)`` turns the summary into the preference text the
+    recommender shows (``Recommender.context`` with the recent items'
     summaries), so training sees exactly what inference sees."""
     pool = sorted(catalog)
     out: list[SFTExample] = []
@@ -108,25 +124,42 @@ def examples_from_store(store, sequences: Mapping[str, Sequence[Any]], users: It
         for e in cases:
             summary = by_end[max(x for x in ends if x <= e)]
             text = context(summary, seq[:e]) if context else summary
-            out += _case(text, u, seq[e], e, cands, catalog, seed, negatives)
+            out += _case(text, u, seq[e], e, cands, catalog, seed, negatives, popularity)
+    return out
+
+
+def _draw(rng: random.Random, cands: Sequence[str], k: int, popularity: Mapping[str, int] | None) -> list[str]:
+    """``k`` distinct items of ``cands``: uniformly, or in proportion to ``popularity`` (items with
+    count 0 are never drawn; uniform when none has a count)."""
+    if popularity is None:
+        return rng.sample(cands, min(k, len(cands)))
+    pool = [(c, popularity.get(c, 0)) for c in cands if popularity.get(c, 0) > 0]
+    if not pool:
+        return rng.sample(cands, min(k, len(cands)))
+    out: list[str] = []
+    while pool and len(out) < k:
+        n = rng.choices(range(len(pool)), weights=[w for _, w in pool])[0]
+        out.append(pool.pop(n)[0])
     return out
 
 
 def _case(text: str, user: str, positive: str, e: int, cands: Sequence[str], catalog: Mapping[str, Item],
-          seed: int, negatives: int) -> list[SFTExample]:
+          seed: int, negatives: int, popularity: Mapping[str, int] | None = None) -> list[SFTExample]:
     """The "yes" at position e and ``negatives`` never-touched "no" items (seeded per user, position)."""
     rng = random.Random(f"{seed}:sft:{user}:{e}")
     return [SFTExample(text, catalog[positive], "yes", user),
-            *(SFTExample(text, catalog[n], "no", user) for n in rng.sample(cands, min(negatives, len(cands))))]
+            *(SFTExample(text, catalog[n], "no", user) for n in _draw(rng, cands, negatives, popularity))]
 
 
 def examples_from_sequences(sequences: Mapping[str, Sequence[Any]], users: Iterable[str],
                             catalog: Mapping[str, Item], context: Callable[[list[str]], str], *,
-                            seed: int = 0, negatives: int = 1, min_history: int = 3) -> list[SFTExample]:
+                            seed: int = 0, negatives: int = 1, min_history: int = 3,
+                            popularity: Mapping[str, int] | None = None) -> list[SFTExample]:
     """TALLRec-style examples straight from the sequences (no summaries): at every position
     e >= ``min_history`` the preference text is ``context(seq[:e])`` (the history's item ids;
     ``Services.preference_text`` in titles mode), ``seq[e]`` is a
-    "yes" and ``negatives`` never-touched items are "no" (same seeding as :func:`examples_from_store`)."""
+    "yes" and ``negatives`` never-touched items are "no" (same seeding and ``popularity`` as
+    :func:`examples_from_store`)."""
     pool = sorted(catalog)
     out: list[SFTExample] = []
     for u in sorted(set(users)):
@@ -135,7 +168,7 @@ def examples_from_sequences(sequences: Mapping[str, Sequence[Any]], users: Itera
         cands = [i for i in pool if i not in touched]
         for e in range(max(1, min_history), len(seq)):
             text = context(seq[:e])
-            out += _case(text, u, seq[e], e, cands, catalog, seed, negatives)
+            out += _case(text, u, seq[e], e, cands, catalog, seed, negatives, popularity)
     return out
 
 

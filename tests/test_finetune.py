@@ -135,6 +135,30 @@ def test_examples_from_store_positive_next_item_and_untouched_negative():
     assert allpos == examples.examples_from_store(FakeStore(), {"u": seq}, ["u"], catalog, seed=0, context=ctx)
 
 
+def test_popularity_negatives_follow_training_counts_and_never_draw_unseen_items():
+    """negatives='popularity': negatives are drawn in proportion to training counts (one item prior
+    for yes and no), items unseen in training never; seeded, so the same examples every time."""
+    catalog = {f"i{k}": Item(f"i{k}", f"t{k}") for k in range(40)}
+    train = {f"u{n}": [f"i{k}" for k in (0, 1, 2, n % 5 + 3)] for n in range(50)}  # i30..i39 never seen
+    counts = examples.item_counts(train)
+    assert counts["i0"] == 50 and counts["i3"] == 10 and "i30" not in counts
+    seqs = {f"v{n}": [f"i{k}" for k in range(n % 3 + 10, n % 3 + 16)] for n in range(300)}
+    texts = lambda ids: " ".join(ids)  # noqa: E731
+    pop = examples.examples_from_sequences(seqs, seqs, catalog, texts, seed=0, popularity=counts)
+    negs = [e.item.item_id for e in pop if e.label == "no"]
+    assert len(negs) == sum(e.label == "yes" for e in pop) and set(negs) <= set(counts)
+    share = {i: negs.count(i) / len(negs) for i in ("i0", "i3")}
+    assert share["i0"] > 3 * share["i3"] > 0  # weights 50 vs 10 among the items each user never touched
+    assert pop == examples.examples_from_sequences(seqs, seqs, catalog, texts, seed=0, popularity=counts)
+    uniform = [e.item.item_id for e in examples.examples_from_sequences(seqs, seqs, catalog, texts, seed=0)
+               if e.label == "no"]
+    assert any(i not in counts for i in uniform)  # the paper's uniform draw does take unseen items
+    touched_only = {"w": [f"i{k}" for k in range(30)]}  # every counted item touched: uniform fallback
+    rest = examples.examples_from_sequences(touched_only, touched_only, catalog, texts, seed=0, popularity=counts,
+                                            min_history=29)
+    assert [e.item.item_id for e in rest if e.label == "no"][0] not in counts
+
+
 def test_titles_examples_and_prompt_show_history_titles_only():
     """TALLRec-style rows: every position from min_history on, preference text = titles only."""
     from mllm_msr.agents.recommender import Recommender, RecommenderConfig
