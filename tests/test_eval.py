@@ -444,3 +444,25 @@ def test_a_row_running_the_reference_config_reuses_its_record(suite, tmp_path):
     assert counts["scored"] == n_users * len(ref["cases"][0]["candidates"])
     b3 = payload["rows"]["block_3"]["test"]["all"]["auc"]
     assert b3["diff"]["value"] == 0.0 and b3["value"] == payload["rows"]["mllm_msr"]["test"]["all"]["auc"]["value"]
+
+
+def test_text_match_probe_scores_what_the_preference_text_names_and_pairs_with_the_row():
+    """The probe reads only the text the row's recommender read: a text naming the positive's colour
+    and genre ranks it first; Δ = probe − the row's own scores over the same users; the table shows it."""
+    from mllm_msr.evaluation.fidelity import probe_scores
+    from mllm_msr.evaluation.report import probe_stats, render_probe
+
+    gt = {"a": {"colour": "blue", "pattern": "striped", "shape": "circle", "genre": "fantasy"},
+          "b": {"colour": "red", "pattern": "dotted", "shape": "square", "genre": "horror"},
+          "c": {"colour": "green", "pattern": "plain", "shape": "star", "genre": "fantasy"}}
+    cases = [{"user_id": f"u{n}", "candidates": ["a", "b", "c"], "labels": [1, 0, 0],
+              "summary": "The user likes blue covers and fantasy films, not red ones", "scores": [0.2, 0.5, 0.4]}
+             for n in range(20)]
+    probe = probe_scores(cases, gt)
+    assert probe[0] == [2.0, 1.0, 1.0]  # "red" is named (a word match, negation not parsed): 1 for b
+    st = probe_stats(cases, probe, n_resamples=50)
+    assert st["users"] == 20 and st["auc"]["value"] == 1.0
+    assert st["auc"]["diff"]["value"] == pytest.approx(1.0 - 0.0)  # the row's scores rank the positive last
+    table = render_probe({"mllm_msr": {"label": "MLLM-MSR", **st}},
+                         {"mllm_msr": {"test": {"all": {"auc": {"value": 0.0, "low": 0.0, "high": 0.0}}}}})
+    assert "| MLLM-MSR | 20 | 1.000 [1.000, 1.000] | 0.000 [0.000, 0.000] | +1.000" in table

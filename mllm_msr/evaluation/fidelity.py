@@ -8,7 +8,7 @@ true value is the one liked at the test target's position (the *current* colour 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from mllm_msr.data.synth import load_ground_truth
@@ -52,6 +52,15 @@ def user_fidelity(summaries: Mapping[str, str], gt_users: Mapping[str, dict]) ->
     for a in USER_ATTRS:
         out[a] = _share([names(summaries[u], likes[u][a]) for u in ids])
     return out
+
+
+def probe_scores(cases: Sequence[Mapping], gt_items: Mapping[str, dict]) -> list[list[float]]:
+    """The text-match probe: for each stored case (``summary``: the preference text the row's
+    recommender read; ``candidates``), each candidate's count of its true attributes (colour,
+    pattern, shape, genre) that the text names. Ranking by it measures what the text carries,
+    apart from what the recommender makes of it."""
+    return [[float(sum(names(c["summary"], gt_items[i][a]) for a in ITEM_ATTRS)) if i in gt_items else 0.0
+             for i in c["candidates"]] for c in cases]
 
 
 def chain_fidelity(bench_root: str | Path, image_descriptions: Mapping[str, str],

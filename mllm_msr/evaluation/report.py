@@ -78,6 +78,14 @@ def build_results(results: dict[str, dict], seed: int, meta: dict[str, Any], n_r
     return {**meta, "seed": seed, "reference_row": REFERENCE_ROW, "rows": rows}
 
 
+def probe_stats(cases: list[dict], probe: list[list[float]], n_resamples: int = 2000) -> dict[str, Any]:
+    """The text-match probe's AUC on a row's stored cases, and its paired difference to the row's
+    own scores (probe − recommender, same resampled users)."""
+    boot = user_bootstrap([_Case(c) for c in cases], probe, [c["scores"] for c in cases], metrics=["auc"],
+                          n_resamples=n_resamples)
+    return {"users": len(cases), "auc": boot["auc"]}
+
+
 def write_results(payload: dict, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "results.json"
@@ -141,7 +149,22 @@ def render_tables(payload: dict) -> str:
     fid = payload.get("fidelity")
     if fid:
         lines += ["", render_fidelity(fid)]
+    probe = payload.get("probe")
+    if probe:
+        lines += ["", render_probe(probe, rows)]
     return "\n".join(lines) + "\n"
+
+
+def render_probe(probe: dict, rows: dict) -> str:
+    """The text-match probe per LLM row: what the preference text carries vs what the recommender used."""
+    lines = ["Text-match probe (ground truth read only here): each candidate scored by how many of its true "
+             "colour, pattern, shape and genre the row's preference text names; Δ = probe − the row's "
+             "recommender, paired over the same users.", "",
+             "| Row | users | probe AUC | recommender AUC | Δ probe − recommender |", "|---|---|---|---|---|"]
+    for key, p in probe.items():
+        model = rows.get(key, {}).get("test", {}).get("all", {}).get("auc")
+        lines.append(f"| {p['label']} | {p['users']} | {_ci(p['auc'])} | {_ci(model)} | {_diff(p['auc'])} |")
+    return "\n".join(lines)
 
 
 def _code(text: str) -> str:

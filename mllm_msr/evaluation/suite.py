@@ -15,7 +15,7 @@ from mllm_msr.config import MSRConfig
 from mllm_msr.data.schema import Dataset
 from mllm_msr.evaluation import store
 from mllm_msr.evaluation.baselines import BaselineConfig
-from mllm_msr.evaluation.report import build_results, plots, write_results
+from mllm_msr.evaluation.report import build_results, plots, probe_stats, write_results
 from mllm_msr.evaluation.rows import REFERENCE_ROW
 from mllm_msr.evaluation.run import EvalContext, row_entry, run_eval
 from mllm_msr.pipeline import Services
@@ -67,6 +67,27 @@ def _fidelity(ctx: EvalContext, results: dict[str, dict], seed: int) -> dict | N
     return fid
 
 
+def _probe(ctx: EvalContext, results: dict[str, dict], seed: int, n_resamples: int) -> dict | None:
+    """The text-match probe (:func:`mllm_msr.evaluation.fidelity.probe_scores`) on every LLM row's
+    stored preference texts (bundled benchmark only; no model call)."""
+    if ctx.msr_cfg is None or ctx.msr_cfg.dataset != "synth":
+        return None
+    from mllm_msr.data.synth import default_benchmark_dir, load_ground_truth
+    from mllm_msr.evaluation.fidelity import probe_scores
+
+    gt = load_ground_truth(default_benchmark_dir(ctx.msr_cfg.synth))["items"]
+    out: dict[str, Any] = {}
+    from mllm_msr.evaluation.rows import ROWS
+
+    for key in sorted(results, key=lambda k: list(ROWS).index(k) if k in ROWS else len(ROWS)):
+        e = results[key]
+        rec = e["per_seed"].get(seed)
+        if e["kind"] != "llm" or rec is None or not rec["cases"] or not all("summary" in c for c in rec["cases"]):
+            continue
+        out[key] = {"label": e["label"], **probe_stats(rec["cases"], probe_scores(rec["cases"], gt), n_resamples)}
+    return out or None
+
+
 def with_committed(ctx: EvalContext, results: dict[str, dict], seed: int) -> dict[str, dict]:
     """This evaluation's rows plus every comparable row committed in ``ctx.results_dir`` (rows not
     run or failed here keep their committed result)."""
@@ -112,6 +133,7 @@ def run_suite(cfg: MSRConfig, dataset: Dataset, rows: Sequence[str], out_dir: Pa
             "baseline_config": ctx.baseline_cfg.model_dump(), "tuned_on_validation": tune}
     payload = build_results(results, seed, meta, n_resamples=n_resamples)
     payload["fidelity"] = _fidelity(ctx, results, seed)
+    payload["probe"] = _probe(ctx, results, seed, n_resamples)
     for folder in [out_dir / "eval", *([results_dir] if results_dir is not None else [])]:
         write_results(payload, folder)
         plots(payload, folder)
