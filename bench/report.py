@@ -37,8 +37,8 @@ def _pipeline(r: dict) -> str:
 
 def _interactive(r: dict) -> str:
     return (f"chat fresh {r['chat_fresh_s']:.0f} s, next reply {r['chat_next_s']:.1f} s, "
-            f"cached {r['chat_cached_s']:.0f} s; recommend fresh {r['recommend_fresh_s']:.0f} s, "
-            f"cached {r['recommend_cached_s']:.0f} s")
+            f"cached {r['chat_cached_s']:.1f} s; recommend fresh {r['recommend_fresh_s']:.0f} s, "
+            f"cached {r['recommend_cached_s']:.1f} s")
 
 
 def _memory(r: dict) -> str:
