@@ -81,8 +81,9 @@ def recommend_cache(s: Services) -> CachePolicy:
     repeated request is answered from the graph's cache without loading a model. The leak guard
     runs in the key, so a cache hit is guarded like a computed ranking."""
     def key(state: RecState) -> str:
-        uid = state["user_id"]
-        s.check_users([uid])
+        uid = state.get("user_id", "")  # LangGraph also asks for keys of empty states (get_graph)
+        if uid:
+            s.check_users([uid])
         text = s.preference_text(list(state.get("history", [])), state.get("user_summary"))
         return digest("recommend", uid, s.scorer_key, text, list(state.get("candidates", [])))
     return CachePolicy(key_func=key)
