@@ -11,12 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm_msr.finetune.config import SFTConfig
-from mllm_msr.finetune.examples import (
-    examples_from_sequences,
-    examples_from_store,
-    item_counts,
-    save_examples_jsonl,
-)
+from mllm_msr.finetune.examples import examples_from_sequences, examples_from_store, save_examples_jsonl
 from mllm_msr.finetune.trainer import copy_adapter, train_sft
 from mllm_msr.hashing import file_sha256
 
@@ -64,6 +59,7 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
        validation row, which ``msr eval``'s zero-shot row also measures)."""
     from mllm_msr.config import load_config
     from mllm_msr.data.protocol import build_splits
+    from mllm_msr.evaluation.baselines import Popularity
     from mllm_msr.pipeline import build_services, load_data, run_cases
 
     t_all = time.perf_counter()
@@ -92,9 +88,8 @@ def run_benchmark(config: str | Path | None = None, msr_overrides: Sequence[str]
     valid_cases = splits.valid[: max_valid_users or None]
     h_va, f_va = _histories(splits, [c.user_id for c in valid_cases], valid_cases)
     hist = {**h_tr, **h_va}
-    # negatives by training popularity: counted on every training user's sequence, never on validation
-    popularity = item_counts(_histories(splits, list(splits.train_users))[1]) if sft_cfg.negatives == "popularity" \
-        else None
+    # negatives by training popularity: the Popularity row's counts (training sequences, never validation)
+    popularity = Popularity().fit(splits).counts if sft_cfg.negatives == "popularity" else None
     if titles:  # 2'. examples straight from the sequences
         def titles_text(before: list[str]) -> str:
             return services.preference_text(before, None)

@@ -74,17 +74,6 @@ def _next_position(seq: Sequence[str], covered: Sequence[str]) -> int | None:
     return None
 
 
-def item_counts(sequences: Mapping[str, Sequence[Any]]) -> dict[str, int]:
-    """How often each item occurs in ``sequences`` (user → item ids or Interactions): the
-    popularity that ``popularity=`` negative sampling draws by."""
-    counts: dict[str, int] = {}
-    for seq in sequences.values():
-        for x in seq:
-            i = getattr(x, "item_id", x)
-            counts[i] = counts.get(i, 0) + 1
-    return counts
-
-
 def examples_from_store(store, sequences: Mapping[str, Sequence[Any]], users: Iterable[str],
                         catalog: Mapping[str, Item], *, seed: int = 0, negatives: int = 1,
                         source: str = "history", positions: Literal["all", "block_ends"] = "all",
@@ -120,35 +109,44 @@ def examples_from_store(store, sequences: Mapping[str, Sequence[Any]], users: It
             continue
         ends = sorted(by_end)
         cases = ends if positions == "block_ends" else range(ends[0], len(seq))
-        cands = [i for i in pool if i not in touched]
+        cands = _negative_pool([i for i in pool if i not in touched], popularity)
         for e in cases:
             summary = by_end[max(x for x in ends if x <= e)]
             text = context(summary, seq[:e]) if context else summary
-            out += _case(text, u, seq[e], e, cands, catalog, seed, negatives, popularity)
+            out += _case(text, u, seq[e], e, cands, catalog, seed, negatives)
     return out
 
 
-def _draw(rng: random.Random, cands: Sequence[str], k: int, popularity: Mapping[str, int] | None) -> list[str]:
-    """``k`` distinct items of ``cands``: uniformly, or in proportion to ``popularity`` (items with
-    count 0 are never drawn; uniform when none has a count)."""
-    if popularity is None:
-        return rng.sample(cands, min(k, len(cands)))
-    pool = [(c, popularity.get(c, 0)) for c in cands if popularity.get(c, 0) > 0]
-    if not pool:
-        return rng.sample(cands, min(k, len(cands)))
+def _negative_pool(cands: list[str], popularity: Mapping[str, int] | None) -> tuple[list[str], list[int] | None]:
+    """Built once per user: (items, None) for a uniform draw, or with ``popularity`` (the items
+    with a count > 0, their counts); uniform again when none has a count."""
+    if popularity is not None:
+        counted = [c for c in cands if popularity.get(c, 0) > 0]
+        if counted:
+            return counted, [popularity[c] for c in counted]
+    return cands, None
+
+
+def _draw(rng: random.Random, pool: tuple[list[str], list[int] | None], k: int) -> list[str]:
+    """``k`` distinct items of the pool: uniformly, or in proportion to its weights."""
+    items, weights = pool
+    if weights is None:
+        return rng.sample(items, min(k, len(items)))
+    left, w = list(items), list(weights)
     out: list[str] = []
-    while pool and len(out) < k:
-        n = rng.choices(range(len(pool)), weights=[w for _, w in pool])[0]
-        out.append(pool.pop(n)[0])
+    while left and len(out) < k:
+        n = rng.choices(range(len(left)), weights=w)[0]
+        out.append(left.pop(n))
+        w.pop(n)
     return out
 
 
-def _case(text: str, user: str, positive: str, e: int, cands: Sequence[str], catalog: Mapping[str, Item],
-          seed: int, negatives: int, popularity: Mapping[str, int] | None = None) -> list[SFTExample]:
+def _case(text: str, user: str, positive: str, e: int, pool: tuple[list[str], list[int] | None],
+          catalog: Mapping[str, Item], seed: int, negatives: int) -> list[SFTExample]:
     """The "yes" at position e and ``negatives`` never-touched "no" items (seeded per user, position)."""
     rng = random.Random(f"{seed}:sft:{user}:{e}")
     return [SFTExample(text, catalog[positive], "yes", user),
-            *(SFTExample(text, catalog[n], "no", user) for n in _draw(rng, cands, negatives, popularity))]
+            *(SFTExample(text, catalog[n], "no", user) for n in _draw(rng, pool, negatives))]
 
 
 def examples_from_sequences(sequences: Mapping[str, Sequence[Any]], users: Iterable[str],
@@ -165,10 +163,10 @@ def examples_from_sequences(sequences: Mapping[str, Sequence[Any]], users: Itera
     for u in sorted(set(users)):
         seq = [getattr(x, "item_id", x) for x in sequences.get(u, ())]
         touched = set(seq)
-        cands = [i for i in pool if i not in touched]
+        cands = _negative_pool([i for i in pool if i not in touched], popularity)
         for e in range(max(1, min_history), len(seq)):
             text = context(seq[:e])
-            out += _case(text, u, seq[e], e, cands, catalog, seed, negatives, popularity)
+            out += _case(text, u, seq[e], e, cands, catalog, seed, negatives)
     return out
 
 

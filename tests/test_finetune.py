@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,7 @@ def test_popularity_negatives_follow_training_counts_and_never_draw_unseen_items
     for yes and no), items unseen in training never; seeded, so the same examples every time."""
     catalog = {f"i{k}": Item(f"i{k}", f"t{k}") for k in range(40)}
     train = {f"u{n}": [f"i{k}" for k in (0, 1, 2, n % 5 + 3)] for n in range(50)}  # i30..i39 never seen
-    counts = examples.item_counts(train)
+    counts = Counter(i for seq in train.values() for i in seq)  # the Popularity row's counting
     assert counts["i0"] == 50 and counts["i3"] == 10 and "i30" not in counts
     seqs = {f"v{n}": [f"i{k}" for k in range(n % 3 + 10, n % 3 + 16)] for n in range(300)}
     texts = lambda ids: " ".join(ids)  # noqa: E731

@@ -67,9 +67,10 @@ def _fidelity(ctx: EvalContext, results: dict[str, dict], seed: int) -> dict | N
     return fid
 
 
-def _probe(ctx: EvalContext, results: dict[str, dict], seed: int, n_resamples: int) -> dict | None:
+def _probe(ctx: EvalContext, results: dict[str, dict], seed: int, order: Sequence[str],
+           n_resamples: int) -> dict | None:
     """The text-match probe (:func:`mllm_msr.evaluation.fidelity.probe_scores`) on every LLM row's
-    stored preference texts (bundled benchmark only; no model call)."""
+    stored preference texts, rows in ``order`` (bundled benchmark only; no model call)."""
     if ctx.msr_cfg is None or ctx.msr_cfg.dataset != "synth":
         return None
     from mllm_msr.data.synth import default_benchmark_dir, load_ground_truth
@@ -77,9 +78,7 @@ def _probe(ctx: EvalContext, results: dict[str, dict], seed: int, n_resamples: i
 
     gt = load_ground_truth(default_benchmark_dir(ctx.msr_cfg.synth))["items"]
     out: dict[str, Any] = {}
-    from mllm_msr.evaluation.rows import ROWS
-
-    for key in sorted(results, key=lambda k: list(ROWS).index(k) if k in ROWS else len(ROWS)):
+    for key in order:
         e = results[key]
         rec = e["per_seed"].get(seed)
         if e["kind"] != "llm" or rec is None or not rec["cases"] or not all("summary" in c for c in rec["cases"]):
@@ -133,7 +132,7 @@ def run_suite(cfg: MSRConfig, dataset: Dataset, rows: Sequence[str], out_dir: Pa
             "baseline_config": ctx.baseline_cfg.model_dump(), "tuned_on_validation": tune}
     payload = build_results(results, seed, meta, n_resamples=n_resamples)
     payload["fidelity"] = _fidelity(ctx, results, seed)
-    payload["probe"] = _probe(ctx, results, seed, n_resamples)
+    payload["probe"] = _probe(ctx, results, seed, list(payload["rows"]), n_resamples)
     for folder in [out_dir / "eval", *([results_dir] if results_dir is not None else [])]:
         write_results(payload, folder)
         plots(payload, folder)
