@@ -89,18 +89,18 @@ class ItemSummarizer:
         descs: dict[str, str] = {}
         if imaged:
             outs = self.mllm.generate([self.p_image.request(it.image_path) for it in imaged],
-                                      max_new_tokens=self.cfg.image_tokens)
+                                      max_new_tokens=self.cfg.image_tokens, **self.p_image.decoding)
             self.model_calls += len(imaged)
             descs = {it.item_id: neutralise(o) for it, o in zip(imaged, outs, strict=True)}
         texts = self.llm.generate([self.p_text.request(title=it.title, text=it.text or "none")
-                                   for it in chunk], max_new_tokens=self.cfg.text_tokens)
+                                   for it in chunk], max_new_tokens=self.cfg.text_tokens, **self.p_text.decoding)
         self.model_calls += len(chunk)
         text_sum = {it.item_id: neutralise(o) for it, o in zip(chunk, texts, strict=True)}
         fused: dict[str, str] = {}
         if imaged and self.cfg.fuse:
             outs = self.llm.generate([self.p_fuse.request(title=it.title, image_description=descs[it.item_id],
                                                           text_summary=text_sum[it.item_id]) for it in imaged],
-                                     max_new_tokens=self.cfg.fuse_tokens)
+                                     max_new_tokens=self.cfg.fuse_tokens, **self.p_fuse.decoding)
             self.model_calls += len(imaged)
             fused = {it.item_id: neutralise(o) for it, o in zip(imaged, outs, strict=True)}
         result = []

@@ -122,7 +122,7 @@ class UserMemory:
             if not todo:
                 continue
             reqs = [self.block_request(latest[uid], block, catalog, summaries) for uid, _, block, _ in todo]
-            outs = self.llm.generate(reqs, max_new_tokens=self.cfg.max_new_tokens)
+            outs = self.llm.generate(reqs, max_new_tokens=self.cfg.max_new_tokens, **self.p_block.decoding)
             self.model_calls += len(reqs)
             new = []
             for (uid, key, block, ts), text in zip(todo, outs, strict=True):
@@ -165,7 +165,8 @@ class UserMemory:
         if todo:
             outs = self.llm.generate([self.p_direct.request(adapter=self.adapter,
                                                             items=self._lines(h.items, catalog, summaries))
-                                      for h, _ in todo], max_new_tokens=self.cfg.max_new_tokens)
+                                      for h, _ in todo], max_new_tokens=self.cfg.max_new_tokens,
+                                     **self.p_direct.decoding)
             self.model_calls += len(todo)
             new = [UserSummaryVersion(h.user_id, 0, key, neutralise(text), tuple(h.items),
                                       h.timestamps[-1] if h.timestamps else float(len(h.items)),
@@ -183,7 +184,7 @@ class UserMemory:
         prev_text = current.summary if current else EMPTY_SUMMARY
         # the base model: the memory adapter is trained on block updates, not on chat feedback
         text = self.llm.generate([self.p_feedback.request(previous_summary=prev_text, feedback=feedback)],
-                                 max_new_tokens=self.cfg.max_new_tokens)[0]
+                                 max_new_tokens=self.cfg.max_new_tokens, **self.p_feedback.decoding)[0]
         text = neutralise(text)
         self.model_calls += 1
         step = (current.step + 1) if current else 0

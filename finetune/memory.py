@@ -195,7 +195,8 @@ def run_memory_sft(config: str | Path | None = None, msr_overrides: Sequence[str
             part = todo[k:k + mcfg.chunk]
             reqs = [s.memory.block_request(p["prev"], p["block"], catalog, summaries) for p in part]
             outs = s.memory.llm.generate([r for r in reqs for _ in range(mcfg.samples)],
-                                         max_new_tokens=cfg.memory.max_new_tokens, temperature=mcfg.temperature)
+                                         max_new_tokens=cfg.memory.max_new_tokens, temperature=mcfg.temperature,
+                                         **s.memory.p_block.decoding)
             for j, p in enumerate(part):
                 got = outs[j * mcfg.samples:(j + 1) * mcfg.samples]
                 done[(p["user"], p["step"])] = got

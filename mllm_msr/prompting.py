@@ -74,10 +74,20 @@ class Prompt:
     assistant_prefix: str | None = None
     description: str = ""
     path: Path | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     @property
     def key(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def decoding(self) -> dict[str, float]:
+        """The prompt file's decoding settings for ``ModelBackend.generate`` (only those it sets):
+        OpenAI-style penalties on the tokens generated so far, never on the prompt, so copying the
+        prompt's words stays free while a loop of the answer's own words is discouraged."""
+        return {k: v for k, v in (("frequency_penalty", self.frequency_penalty),
+                                  ("presence_penalty", self.presence_penalty)) if v}
 
     def render_text(self, **values: Any) -> tuple[str | None, str]:
         missing = set(self.variables) - values.keys()
@@ -144,8 +154,14 @@ def load_prompt(name: str, directory: str | Path | None = None) -> Prompt:
     if not _slots(spec.get("assistant_prefix")) <= declared - {"items"}:
         raise PromptError(f"{path}: assistant_prefix uses {sorted(_slots(spec.get('assistant_prefix')))}; it may use "
                           f"only declared variables other than 'items'")
+    penalties = {}
+    for k in ("frequency_penalty", "presence_penalty"):
+        v = spec.get(k, 0.0)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not -2.0 <= v <= 2.0:
+            raise PromptError(f"{path}: {k} must be a number in [-2, 2] (OpenAI's range), got {v!r}")
+        penalties[k] = float(v)
     return Prompt(
-        name=name, version=sha256_hex(raw, 12),
+        name=name, version=sha256_hex(raw, 12), **penalties,
         variables=tuple(spec["variables"] or []), user=spec["user"].rstrip("\n"),
         system=spec.get("system"), image=bool(spec.get("image", False)),
         assistant_prefix=spec.get("assistant_prefix"), description=spec.get("description", ""),

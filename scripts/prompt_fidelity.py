@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from mllm_msr.config import MSRConfig, apply_overrides
     from mllm_msr.data.protocol import build_splits
     from mllm_msr.data.synth import default_benchmark_dir
-    from mllm_msr.evaluation.fidelity import chain_fidelity
+    from mllm_msr.evaluation.fidelity import chain_fidelity, degeneration
     from mllm_msr.evaluation.prompt_eval import complete_prompt_dir, with_prompts
     from mllm_msr.pipeline import build_services, load_data, make_backends, summarize_cases
     from mllm_msr.stores.summaries import SummaryStore
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         fid = chain_fidelity(default_benchmark_dir(cfg.synth), {i: v.image_description for i, v in sums.items()},
                              {i: v.summary for i, v in sums.items()}, {u: v.summary for u, v in latest.items()})
         examples = {c.user_id: latest[c.user_id].summary for c in cases[:3]}
+        fid["final user summary (loops, cut by the token limit)"] = degeneration(v.summary for v in latest.values())
         out["folders"][str(folder)] = {"fidelity": fid, "wall_s": round(time.perf_counter() - t0, 1),
                                        "example_user_summaries": examples}
         print(folder, json.dumps(fid))

@@ -25,6 +25,7 @@ class CountingChat(ModelBackend):
         self.backends = {role: LangChainChatBackend(GenericFakeChatModel(
             messages=itertools.cycle([AIMessage(reply)]))) for role, reply in self.ROLES.items()}
         self.prompts: list[ChatRequest] = []
+        self.decoding: list[dict] = []  # the keyword arguments of every generate call
 
     @staticmethod
     def role(req: ChatRequest) -> str:
@@ -38,6 +39,7 @@ class CountingChat(ModelBackend):
 
     def generate(self, requests, **kw):
         self.prompts += list(requests)
+        self.decoding.append(kw)
         return [self.backends[self.role(r)].generate([r], **kw)[0] for r in requests]
 
     def score_yes_no(self, requests):  # pragma: no cover - generation only

@@ -98,6 +98,27 @@ def test_generate_with_and_without_image(hf, tiny_image):
     assert out == [hf.generate([r], max_new_tokens=6)[0] for r in reqs]
 
 
+def test_output_penalty_counts_only_generated_tokens():
+    import torch
+
+    from mllm_msr.models.hf_backend import OutputPenalty
+
+    ids = torch.tensor([[5, 6, 7, 7], [0, 6, 6, 8]])  # the first 2 columns are the prompt
+    got = OutputPenalty(2, frequency=0.5, presence=0.25)(ids, torch.zeros(2, 10))
+    want = torch.zeros(2, 10)
+    want[0, 7] = -(0.5 * 2 + 0.25)  # generated twice
+    want[1, 6], want[1, 8] = -(0.5 + 0.25), -(0.5 + 0.25)  # 6 also in the prompt: counted once
+    assert torch.equal(got, want)
+    assert torch.equal(OutputPenalty(4, 1.0, 1.0)(ids, torch.ones(2, 10)), torch.ones(2, 10))  # nothing generated
+
+
+def test_penalties_change_greedy_generation(hf):
+    req = [ChatRequest.user("Describe the cover.", prefill="The cover shows")]
+    plain = hf.generate(req, max_new_tokens=12)
+    assert hf.generate(req, max_new_tokens=12, frequency_penalty=0.0) == plain
+    assert hf.generate(req, max_new_tokens=12, frequency_penalty=2.0, presence_penalty=2.0) != plain
+
+
 def test_prefill_is_continued_not_answered_anew(hf):
     plain = ChatRequest.user("Describe the cover.")
     pre = ChatRequest.user("Describe the cover.", prefill="The cover shows")
@@ -397,3 +418,9 @@ def test_three_backends_agree(vllm_server, vllm_inproc, hf, tiny_images, adapter
     assert want[0].startswith("The cover shows") and want[1].startswith("It is")
     assert vllm_inproc.generate(pre, max_new_tokens=5) == want
     assert vllm_server.backend().generate(pre, max_new_tokens=5) == want
+    # OpenAI's penalties, over the generated tokens only, decode the same way in all three
+    pen = dict(max_new_tokens=10, frequency_penalty=1.5, presence_penalty=0.5)
+    want = hf.generate(pre + reqs[:2], **pen)
+    assert want != hf.generate(pre + reqs[:2], max_new_tokens=10)
+    assert vllm_inproc.generate(pre + reqs[:2], **pen) == want
+    assert vllm_server.backend().generate(pre + reqs[:2], **pen) == want

@@ -13,7 +13,7 @@ from mllm_msr.config import load_config
 from mllm_msr.data.protocol import ProtocolConfig, build_splits
 from mllm_msr.evaluation import baselines
 from mllm_msr.evaluation.baselines import BaselineConfig
-from mllm_msr.evaluation.fidelity import current_likes, item_fidelity, names, user_fidelity
+from mllm_msr.evaluation.fidelity import current_likes, degeneration, item_fidelity, names, user_fidelity
 from mllm_msr.evaluation.report import build_results, render_tables, update_readme
 from mllm_msr.evaluation.rows import ROWS, parse_rows
 from mllm_msr.evaluation.run import EvalContext, run_eval
@@ -233,6 +233,14 @@ def test_leak_guard_refuses_training_users_and_names_the_adapter(ds, tmp_path):
         score_cases(s, leaky)
     zero = cfg.model_copy(update={"recommender": cfg.recommender.model_copy(update={"adapter": None})})
     assert adapter_leak(zero, ds, trained) is None  # no adapter, nothing learned from anyone
+
+
+def test_degeneration_counts_loops_and_summaries_cut_by_the_token_limit():
+    got = degeneration(["The user likes: a red star, a mystery film, a red star, a",  # loop, cut
+                        "The user likes: a red star and a blue ring.",                # neither
+                        "The user likes: a mystery film, a Mystery film."])           # loop (case, period)
+    assert got == {"n": 3, "repeated": 2 / 3, "unfinished": 1 / 3}
+    assert degeneration([]) == {"n": 0, "repeated": None, "unfinished": None}
 
 
 def test_fidelity_names_current_values_only():

@@ -111,6 +111,21 @@ def test_memory_can_read_item_summaries_without_titles_under_its_own_cache_key(s
     assert render_items([sums[i].summary for i in seq]) in prompt and titled not in prompt
 
 
+def test_memory_decodes_with_its_prompt_files_penalties_under_a_new_cache_key(services, dataset, tmp_path):
+    seq = [i.item_id for i in dataset.sequences()[dataset.users[3]]][:3]
+    sums = services.summarizer.summarize([dataset.items[i] for i in seq])
+    mem, hist = services.memory, [UserHistory("p", tuple(seq), (0.0, 1.0, 2.0))]
+    plain = mem.update_many(hist, dataset.items, sums)["p"]
+    assert mem.llm.decoding[-1] == {"max_new_tokens": mem.cfg.max_new_tokens}
+    pdir = shutil.copytree(PROMPT_DIR, tmp_path / "prompts")
+    with open(pdir / "user_block.yaml", "a") as f:
+        f.write("frequency_penalty: 0.4\n")
+    penalised = type(mem)(mem.llm, mem.store, MemoryConfig(prompt_dir=str(pdir)))
+    v = penalised.update_many(hist, dataset.items, sums)["p"]
+    assert mem.llm.decoding[-1] == {"max_new_tokens": mem.cfg.max_new_tokens, "frequency_penalty": 0.4}
+    assert v.key != plain.key and v.prompt_version != plain.prompt_version  # not served from the plain cache
+
+
 def test_direct_mode_is_one_call_per_user(services, dataset):
     seq = [i.item_id for i in dataset.sequences()[dataset.users[1]]]
     sums = services.summarizer.summarize([dataset.items[i] for i in seq])

@@ -109,3 +109,17 @@ def test_assistant_prefix_renders_as_prefill_and_is_validated(tmp_path: Path):
     (tmp_path / "bad.yaml").write_text("variables: [a]\nuser: 'hi {a}'\nassistant_prefix: 'Sure {b}'\n")
     with pytest.raises(PromptError, match="assistant_prefix"):
         load_prompt("bad", tmp_path)
+
+
+def test_decoding_penalties_come_from_the_prompt_file_and_are_validated(tmp_path: Path):
+    assert all(load_prompt(n).decoding == {} for n in list_prompts())  # the packaged prompts set none
+    body = "variables: [a]\nuser: 'hi {a}'\n"
+    (tmp_path / "plain.yaml").write_text(body)
+    (tmp_path / "pen.yaml").write_text(body + "frequency_penalty: 0.5\npresence_penalty: 0\n")
+    pen = load_prompt("pen", tmp_path)
+    assert pen.decoding == {"frequency_penalty": 0.5}  # only what the file sets (0 is not set)
+    assert pen.version != load_prompt("plain", tmp_path).version  # a new setting is a new cache key
+    for bad in ("frequency_penalty: 2.5", "presence_penalty: yes", "frequency_penalty: '0.3'"):
+        (tmp_path / "bad.yaml").write_text(body + bad + "\n")
+        with pytest.raises(PromptError, match=r"bad\.yaml: (frequency|presence)_penalty must be a number"):
+            load_prompt("bad", tmp_path)

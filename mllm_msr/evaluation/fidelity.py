@@ -76,3 +76,17 @@ def chain_fidelity(bench_root: str | Path, image_descriptions: Mapping[str, str]
     return dict(zip(STAGES, (item_fidelity(pick(image_descriptions), gt["items"]),
                              item_fidelity(pick(item_summaries), gt["items"]),
                              user_fidelity(user_summaries, gt["users"])), strict=True))
+
+
+def degeneration(summaries: Iterable[str]) -> dict[str, float | None]:
+    """How often summaries loop or run out of tokens (no ground truth needed): ``repeated`` = the
+    share whose answer (after the first ':') lists the same comma/'and'-separated phrase twice (a
+    greedy repetition loop), ``unfinished`` = the share that does not end a sentence (cut by the
+    token limit)."""
+    texts = list(summaries)
+    repeated, unfinished = [], []
+    for t in texts:
+        parts = [p.strip().rstrip(".").lower() for p in re.split(r",| and ", t.split(":", 1)[-1]) if p.strip()]
+        repeated.append(len(parts) != len(set(parts)))
+        unfinished.append(not t.rstrip().endswith((".", "!", "?")))
+    return {"n": len(texts), "repeated": _share(repeated), "unfinished": _share(unfinished)}

@@ -73,8 +73,11 @@ class ModelBackend(ABC):
 
     @abstractmethod
     def generate(self, requests: Sequence[ChatRequest], *, max_new_tokens: int = 96,
-                 temperature: float = 0.0) -> list[str]:
-        """Complete each chat; greedy when temperature == 0."""
+                 temperature: float = 0.0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0) -> list[str]:
+        """Complete each chat; greedy when temperature == 0. The penalties follow OpenAI's
+        definition over the tokens generated so far (not the prompt): each candidate token's logit
+        is lowered by ``frequency_penalty`` times its count plus ``presence_penalty`` if it occurred."""
 
     @abstractmethod
     def score_yes_no(self, requests: Sequence[ChatRequest]) -> list[float]:

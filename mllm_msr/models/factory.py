@@ -172,11 +172,16 @@ class LangChainChatBackend(ModelBackend):
         self.stats: dict[str, float] = {"generate_calls": 0, "tokens_generated": 0}
 
     def generate(self, requests: Sequence[ChatRequest], *, max_new_tokens: int = 96,
-                 temperature: float = 0.0) -> list[str]:
+                 temperature: float = 0.0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0) -> list[str]:
         self.stats["generate_calls"] += 1
         model = self.chat_model
         if self.pass_max_tokens:
             model = model.bind(max_tokens=max_new_tokens, temperature=temperature)
+        penalties = {k: v for k, v in (("frequency_penalty", frequency_penalty),
+                                       ("presence_penalty", presence_penalty)) if v}
+        if penalties:  # only when a prompt sets them: not every chat model takes them
+            model = model.bind(**penalties)
         inputs = [to_langchain_messages(r) for r in requests]
         results = model.batch(inputs, config={"max_concurrency": self.max_concurrency},
                               return_exceptions=True)

@@ -100,6 +100,24 @@ def answer_token_ids_for(model_path: str | Path, words: tuple[str, str] = YES_NO
     return resolve_answer_token_ids(tok, render_probe(proc, mm), words)
 
 
+
+class OutputPenalty:
+    """A ``transformers`` logits processor with OpenAI's (and vLLM's) frequency / presence
+    penalties: over the tokens generated after ``prompt_len`` only, so the prompt's own words
+    (what an extraction prompt wants copied) are not penalised."""
+
+    def __init__(self, prompt_len: int, frequency: float = 0.0, presence: float = 0.0) -> None:
+        self.prompt_len, self.frequency, self.presence = prompt_len, float(frequency), float(presence)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        out = input_ids[:, self.prompt_len:]
+        if out.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, out, torch.ones_like(out, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
 class TransformersBackend(ModelBackend):
     """transformers + peft on CPU (or any torch device).
 
@@ -271,8 +289,10 @@ class TransformersBackend(ModelBackend):
 
     # ------------------------------------------------------------------ generate
     def generate(self, requests: Sequence[ChatRequest], *, max_new_tokens: int = 96,
-                 temperature: float = 0.0) -> list[str]:
+                 temperature: float = 0.0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0) -> list[str]:
         import torch
+        from transformers import LogitsProcessorList
 
         rendered = [self.render(r) for r in requests]
         texts = [t for t, _ in rendered]
@@ -289,6 +309,9 @@ class TransformersBackend(ModelBackend):
                         kw.update(do_sample=True, temperature=float(temperature))
                     else:
                         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                    if frequency_penalty or presence_penalty:
+                        kw["logits_processor"] = LogitsProcessorList([OutputPenalty(
+                            enc["input_ids"].shape[1], frequency_penalty, presence_penalty)])
                     with torch.inference_mode():
                         seqs = self.model.generate(**enc, **kw)
                     new = seqs[:, enc["input_ids"].shape[1]:]

@@ -247,13 +247,16 @@ class VLLMServerBackend(ModelBackend):
 
     # -- generate
     def generate(self, requests: Sequence[ChatRequest], *, max_new_tokens: int = 96,
-                 temperature: float = 0.0, labels: Sequence[str] | None = None) -> list[str]:
+                 temperature: float = 0.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                 labels: Sequence[str] | None = None) -> list[str]:
         self._count("generate_calls")
 
         def one(i: int) -> str:
             req = requests[i]
             kw: dict[str, Any] = dict(model=self._model_for(req), messages=to_openai_messages(req),
                                       max_tokens=max_new_tokens, temperature=float(temperature))
+            kw.update({k: float(v) for k, v in (("frequency_penalty", frequency_penalty),
+                                                ("presence_penalty", presence_penalty)) if v})
             if req.prefill is not None:  # vLLM's chat API continues the final assistant message
                 kw["extra_body"] = {"add_generation_prompt": False, "continue_final_message": True}
             return self._call(lambda ep: req.completed(self._text(ep.client.chat.completions.create(**kw),

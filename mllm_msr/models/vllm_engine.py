@@ -88,11 +88,13 @@ class VLLMInProcessBackend(ModelBackend):
         return outs
 
     def generate(self, requests: Sequence[ChatRequest], *, max_new_tokens: int = 96,
-                 temperature: float = 0.0) -> list[str]:
+                 temperature: float = 0.0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0) -> list[str]:
         from vllm import SamplingParams
 
         self.stats["generate_calls"] += 1
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=float(temperature))
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=float(temperature),
+                                frequency_penalty=float(frequency_penalty), presence_penalty=float(presence_penalty))
         texts = []
         for r, o in zip(requests, self._run(requests, params), strict=True):
             self.stats["tokens_generated"] += len(o.outputs[0].token_ids)
