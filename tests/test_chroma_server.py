@@ -126,3 +126,35 @@ def test_two_processes_writing_one_server_lose_and_duplicate_nothing(chroma_endp
     for u in ds.users[:16]:
         steps = [v.step for v in concurrent.user_history(u)]
         assert steps == list(range(len(steps))) and steps, u  # one version per step, none missing
+
+
+@pytest.mark.parametrize("exists_after", [True, False])
+def test_losing_the_race_to_create_the_database_is_fine_only_if_it_exists(monkeypatch, exists_after):
+    """Two processes opening a new database at once: the loser's create fails ("Database [x] already
+    exists" comes back over HTTP as a plain ChromaError); it goes on if the database is there now."""
+    import chromadb
+    from chromadb.errors import ChromaError, NotFoundError
+
+    from mllm_msr.stores.summaries import http_client
+
+    gets = iter([False, exists_after])
+
+    class Admin:
+        def __init__(self, settings):
+            pass
+
+        def get_database(self, name):
+            if not next(gets):
+                raise NotFoundError(f"Database {name} not found")
+
+        def create_database(self, name):
+            raise ChromaError(f"Database [{name}] already exists")
+
+    monkeypatch.setattr(chromadb, "AdminClient", Admin)
+    monkeypatch.setattr(chromadb, "HttpClient", lambda **kw: ("client", kw["database"]))
+    cfg = StoreConfig(host="127.0.0.1", port=1, database="raced")
+    if exists_after:
+        assert http_client(cfg) == ("client", "raced")
+    else:
+        with pytest.raises(ChromaError, match=r"already exists"):
+            http_client(cfg)

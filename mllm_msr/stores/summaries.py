@@ -19,7 +19,7 @@ from typing import Any
 import chromadb
 from chromadb.api.types import EmbeddingFunction
 from chromadb.config import Settings
-from chromadb.errors import ChromaError, NotFoundError, UniqueConstraintError
+from chromadb.errors import ChromaError, NotFoundError
 from pydantic import BaseModel, Field
 
 from mllm_msr.hashing import file_sha256
@@ -100,8 +100,13 @@ def http_client(cfg: StoreConfig) -> Any:
         except NotFoundError:
             try:
                 admin.create_database(cfg.database)
-            except UniqueConstraintError:
-                pass  # another process created it meanwhile
+            except ChromaError as lost:
+                # another process created it meanwhile: the server answers UniqueConstraintError or,
+                # over HTTP, a plain ChromaError "Database [x] already exists"; fine if it exists now
+                try:
+                    admin.get_database(cfg.database)
+                except NotFoundError:
+                    raise lost from None
     return chromadb.HttpClient(host=str(cfg.host), port=cfg.port, database=cfg.database)
 
 
