@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from mllm_msr.hashing import sha256_hex
-from mllm_msr.models.base import ChatRequest
+from mllm_msr.models.base import ChatRequest, penalties
 from mllm_msr.prompts import PROMPT_DIR  # the prompt files' folder (the package holds only them)
 
 # Control sequences of common chat templates and the Idefics3/LLaVA image placeholders. Inside
@@ -86,8 +86,7 @@ class Prompt:
         """The prompt file's decoding settings for ``ModelBackend.generate`` (only those it sets):
         OpenAI-style penalties on the tokens generated so far, never on the prompt, so copying the
         prompt's words stays free while a loop of the answer's own words is discouraged."""
-        return {k: v for k, v in (("frequency_penalty", self.frequency_penalty),
-                                  ("presence_penalty", self.presence_penalty)) if v}
+        return penalties(self.frequency_penalty, self.presence_penalty)
 
     def render_text(self, **values: Any) -> tuple[str | None, str]:
         missing = set(self.variables) - values.keys()

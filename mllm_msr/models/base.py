@@ -61,6 +61,13 @@ class ChatRequest:
         return out
 
 
+def penalties(frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> dict[str, float]:
+    """The OpenAI-style penalties that are set (non-zero), as keyword arguments or API fields:
+    backends and prompts pass only these, so a model that takes none is never sent them."""
+    return {k: float(v) for k, v in (("frequency_penalty", frequency_penalty),
+                                     ("presence_penalty", presence_penalty)) if v}
+
+
 class BackendError(RuntimeError):
     """A model call failed after retries; the message names what was being processed."""
 

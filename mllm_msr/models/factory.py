@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .base import BackendError, ChatRequest, ModelBackend, map_content, text_part
+from .base import BackendError, ChatRequest, ModelBackend, map_content, penalties, text_part
 from .devices import resolve_dtype
 
 
@@ -178,10 +178,8 @@ class LangChainChatBackend(ModelBackend):
         model = self.chat_model
         if self.pass_max_tokens:
             model = model.bind(max_tokens=max_new_tokens, temperature=temperature)
-        penalties = {k: v for k, v in (("frequency_penalty", frequency_penalty),
-                                       ("presence_penalty", presence_penalty)) if v}
-        if penalties:  # only when a prompt sets them: not every chat model takes them
-            model = model.bind(**penalties)
+        if pen := penalties(frequency_penalty, presence_penalty):  # not every chat model takes them
+            model = model.bind(**pen)
         inputs = [to_langchain_messages(r) for r in requests]
         results = model.batch(inputs, config={"max_concurrency": self.max_concurrency},
                               return_exceptions=True)

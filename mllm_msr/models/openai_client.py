@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import httpx
 import openai
 
-from .base import YES_NO, BackendError, ChatRequest, ModelBackend, to_openai_messages, yes_no_probability
+from .base import YES_NO, BackendError, ChatRequest, ModelBackend, penalties, to_openai_messages, yes_no_probability
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -255,8 +255,7 @@ class VLLMServerBackend(ModelBackend):
             req = requests[i]
             kw: dict[str, Any] = dict(model=self._model_for(req), messages=to_openai_messages(req),
                                       max_tokens=max_new_tokens, temperature=float(temperature))
-            kw.update({k: float(v) for k, v in (("frequency_penalty", frequency_penalty),
-                                                ("presence_penalty", presence_penalty)) if v})
+            kw.update(penalties(frequency_penalty, presence_penalty))
             if req.prefill is not None:  # vLLM's chat API continues the final assistant message
                 kw["extra_body"] = {"add_generation_prompt": False, "continue_final_message": True}
             return self._call(lambda ep: req.completed(self._text(ep.client.chat.completions.create(**kw),
