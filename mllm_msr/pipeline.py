@@ -20,6 +20,7 @@ import importlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -187,6 +188,7 @@ class LazyBackend(ModelBackend):
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
         self._backend: ModelBackend | None = None
+        self._building = threading.Lock()  # one build, also when warm_up() runs in a thread
         if cfg.base_url:
             self.model_id = f"{cfg.model}@{cfg.base_url}"
         else:
@@ -195,10 +197,25 @@ class LazyBackend(ModelBackend):
     @property
     def backend(self) -> ModelBackend:
         if self._backend is None:
-            from mllm_msr.models.factory import make_backend
+            with self._building:
+                if self._backend is None:
+                    from mllm_msr.models.factory import make_backend
 
-            self._backend = make_backend(self.cfg)
+                    self._backend = make_backend(self.cfg)
         return self._backend
+
+    def warm_up(self) -> threading.Thread:
+        """Build the backend in a daemon thread (imports + weights) while the caller goes on, e.g.
+        while an interactive command waits for the user's first words; the first real call waits
+        for it. A failure is left for that call to raise."""
+        def build() -> None:
+            try:
+                self.backend  # noqa: B018
+            except Exception:  # noqa: BLE001 - the first real call rebuilds and raises it
+                log.debug("background model build failed", exc_info=True)
+        t = threading.Thread(target=build, name="msr-warm-up", daemon=True)
+        t.start()
+        return t
 
     @property
     def supports_images(self) -> bool:  # type: ignore[override]
@@ -249,6 +266,14 @@ class Services:
                                  r.p_image.version, r.p_text.version, r.cfg.use_images, r.cfg.recent_items,
                                  r.cfg.history, r.p_titles.version if titles else None,
                                  r.cfg.title_history if titles else None)
+
+    def warm_up(self) -> None:
+        """Start loading the models not loaded yet in the background (interactive commands call this
+        first, so imports and weights load while the store opens and the user types)."""
+        backends = {id(b): b for b in (self.summarizer.llm, self.memory.llm, self.recommender.backend)}
+        for b in backends.values():
+            if isinstance(b, LazyBackend) and b._backend is None:
+                b.warm_up()
 
     def check_users(self, user_ids: Sequence[str]) -> None:
         """The leak guard every scoring path calls (batch runs, graph nodes, chat, web, eval)."""

@@ -197,6 +197,24 @@ def test_adapter_differs_from_base_and_equals_merged(hf, lora_adapter, tiny_imag
         hf.score_yes_no([ChatRequest.user("x", adapter="nope")])
 
 
+def test_adapters_load_on_first_use(tiny_idefics3, lora_adapter, tiny_images):
+    """A backend given adapters loads none of them until a request names one (a chat that only
+    generates never pays for the recommender's adapters); base outputs are the same before and after."""
+    from mllm_msr.models.hf_backend import TransformersBackend
+
+    b = TransformersBackend(tiny_idefics3, {"rec": str(lora_adapter[0]), "other": str(lora_adapter[0])})
+    base_before = b.score_yes_no(mixed_requests(tiny_images))
+    gen_before = b.generate([ChatRequest.user("Describe the cover.")], max_new_tokens=5)
+    assert b.adapters == {} and not b._peft
+    with_ad = b.score_yes_no(mixed_requests(tiny_images, adapter="rec"))
+    assert set(b.adapters) == {"rec"}  # "other" was never asked for
+    assert max(abs(x - y) for x, y in zip(base_before, with_ad, strict=True)) > 1e-3
+    assert b.score_yes_no(mixed_requests(tiny_images)) == pytest.approx(base_before, abs=1e-6)
+    assert b.generate([ChatRequest.user("Describe the cover.")], max_new_tokens=5) == gen_before
+    with pytest.raises(BackendError, match="unknown adapter 'nope'.*other"):
+        b.score_yes_no([ChatRequest.user("x", adapter="nope")])
+
+
 def test_text_only_causal_lm(text_only_llama, tiny_image):
     from mllm_msr.models.hf_backend import TransformersBackend
 
@@ -229,6 +247,42 @@ def test_model_config_and_factory(tiny_idefics3):
         ModelConfig(api_key="sk-secret")  # keys never live in configs
     with pytest.raises(BackendError):
         make_backend(ModelConfig(model="/nonexistent/folder"))
+
+
+def test_lazy_backend_warm_up_builds_once_in_the_background(tiny_idefics3, monkeypatch):
+    """`msr chat` starts the model load in a thread; a call racing it waits and gets the same
+    backend (built once); a failed warm-up is raised by the first real call."""
+    import threading
+
+    import mllm_msr.models.factory as factory
+    from mllm_msr.models.factory import ModelConfig
+    from mllm_msr.pipeline import LazyBackend
+
+    built, gate = [], threading.Event()
+    real = factory.make_backend
+
+    def slow_make(cfg):
+        gate.wait(30)
+        built.append(real(cfg))
+        return built[-1]
+
+    monkeypatch.setattr(factory, "make_backend", slow_make)
+    lazy = LazyBackend(ModelConfig(backend="transformers", model=str(tiny_idefics3), threads=1))
+    t = lazy.warm_up()
+    assert t.is_alive() and lazy._backend is None
+    got: list = []
+    caller = threading.Thread(target=lambda: got.append(lazy.backend))
+    caller.start()
+    gate.set()
+    t.join(60)
+    caller.join(60)
+    assert len(built) == 1 and got == [built[0]] and lazy.backend is built[0]
+
+    broken = LazyBackend(ModelConfig(backend="transformers", model=str(tiny_idefics3), threads=1))
+    monkeypatch.setattr(factory, "make_backend", lambda cfg: (_ for _ in ()).throw(BackendError("no weights")))
+    broken.warm_up().join(30)
+    with pytest.raises(BackendError, match="no weights"):
+        broken.backend  # noqa: B018
 
 
 def test_langchain_chat_backend(tiny_image):

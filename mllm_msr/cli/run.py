@@ -138,6 +138,7 @@ def chat(user: str = UserOpt, config: Path | None = ConfigOpt, set_: list[str] |
     ds = load_data(cfg)
     seqs = user_sequences(ds, user)
     s = build_services(cfg, ds)
+    s.warm_up()  # the model loads while the store opens and the user types
     hist = [i.item_id for i in seqs[user]]
     console.print(f"summarizing {user}'s {len(hist)} history items and preferences (cached after the first time)…")
     with Progress(console=console) as prog:  # this user's history only, never the catalog
@@ -186,6 +187,7 @@ def web(port: int = typer.Option(8765, help="Port to serve on."),
     cfg = interactive_config(finalize_config(load_cfg(config, set_)))
     ds = load_data(cfg)
     s = build_services(cfg, ds)
+    s.warm_up()  # a resident server: the model loads while it starts, not on the first request
     cases = build_splits(ds, cfg.protocol).test[:users]  # a user's page summarizes only that user's items
     table = {c.user_id: {"history": list(c.history), "timestamps": list(c.history_timestamps),
                          "candidates": list(c.candidates)} for c in cases}

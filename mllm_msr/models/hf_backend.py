@@ -121,8 +121,10 @@ class OutputPenalty:
 class TransformersBackend(ModelBackend):
     """transformers + peft on CPU (or any torch device).
 
-    ``adapters`` maps adapter names (what ``ChatRequest.adapter`` says) to peft adapter folders.
-    Requests with ``adapter=None`` run the base model (adapters disabled).
+    ``adapters`` maps adapter names (what ``ChatRequest.adapter`` says) to peft adapter folders;
+    each is loaded on the first request that names it (a chat that only generates never pays for the
+    recommender's adapters, and a scorer loads only the one it uses). Requests with
+    ``adapter=None`` run the base model (adapters disabled).
     """
 
     def __init__(self, model_path: str | Path, adapters: dict[str, str] | None = None, *,
@@ -148,9 +150,8 @@ class TransformersBackend(ModelBackend):
                                         "forward_s": 0.0}
         self._lock = threading.RLock()  # see _adapter
         self._load(self.model_path)
-        self.adapters: dict[str, str] = {}
-        for name, path in (adapters or {}).items():
-            self.add_adapter(name, path)
+        self.adapters: dict[str, str] = {}  # loaded, name -> folder
+        self._pending: dict[str, str] = {str(k): str(v) for k, v in (adapters or {}).items()}
         self.yes_token_id, self.no_token_id = self._resolve_answer_ids(*answer_words)
 
     # ------------------------------------------------------------------ loading
@@ -198,6 +199,7 @@ class TransformersBackend(ModelBackend):
             self.model.load_adapter(str(path), adapter_name=name)
         self.model.eval()
         self.adapters[name] = str(path)
+        self._pending.pop(name, None)
 
     @contextmanager
     def _adapter(self, name: str | None) -> Iterator[None]:
@@ -209,7 +211,9 @@ class TransformersBackend(ModelBackend):
                     yield
                 return
             if name not in self.adapters:
-                raise BackendError(f"unknown adapter {name!r}; loaded: {sorted(self.adapters)}")
+                if name not in self._pending:
+                    raise BackendError(f"unknown adapter {name!r}; known: {sorted({**self.adapters, **self._pending})}")
+                self.add_adapter(name, self._pending[name])
             self.model.set_adapter(name)
             yield
 
