@@ -14,7 +14,8 @@ from langgraph.cache.base import BaseCache
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
-from mllm_msr.graphs.nodes import _event, make_recommend, make_retrieve, recommend_cache
+from mllm_msr.agents.retriever import retrieve
+from mllm_msr.graphs.nodes import _event, make_recommend, recommend_cache
 from mllm_msr.graphs.state import RecState
 from mllm_msr.pipeline import NO_PREFERENCES, Services
 
@@ -40,11 +41,15 @@ def make_listen(s: Services):
     return listen
 
 
-def make_exclude_seen(s: Services):
-    def exclude_seen(state: ChatState) -> dict:
+def make_retrieve_unseen(s: Services):
+    """Retrieval that skips the history and everything this conversation has already shown, so each
+    reply brings new items (filtering after a top-n cut would run dry after a few replies)."""
+    def retrieve_unseen(state: ChatState) -> dict:
+        t0 = time.perf_counter()
         seen = set(state.get("history", [])) | set(state.get("shown", []))
-        return {"candidates": [c for c in state.get("candidates", []) if c not in seen]}
-    return exclude_seen
+        ids = retrieve(s.store, state["user_summary"], s.retrieve_n, seen, s.catalog)
+        return {"candidates": ids, "events": [_event("retrieve", t0, candidates=len(ids), excluded=len(seen))]}
+    return retrieve_unseen
 
 
 def make_respond(s: Services, top: int = 3):
@@ -67,14 +72,12 @@ def make_respond(s: Services, top: int = 3):
 def build_chat_graph(s: Services) -> StateGraph:
     g = StateGraph(ChatState)
     g.add_node("listen", make_listen(s))
-    g.add_node("retrieve", make_retrieve(s))
-    g.add_node("exclude_seen", make_exclude_seen(s))
+    g.add_node("retrieve", make_retrieve_unseen(s))
     g.add_node("recommend", make_recommend(s), cache_policy=recommend_cache(s))
     g.add_node("respond", make_respond(s))
     g.add_edge(START, "listen")
     g.add_edge("listen", "retrieve")
-    g.add_edge("retrieve", "exclude_seen")
-    g.add_edge("exclude_seen", "recommend")
+    g.add_edge("retrieve", "recommend")
     g.add_edge("recommend", "respond")
     g.add_edge("respond", END)
     return g

@@ -289,6 +289,15 @@ def test_chat_folds_feedback_into_a_new_summary_version_and_recommends_unseen_it
     s2 = graph.invoke({"user_id": uid, "history": hist, "messages": [HumanMessage("something else")]}, conf)
     assert not set(s2["shown"][3:]) & set(shown1)  # no repeats within a conversation
     assert len(services.store.user_history(uid)) == len(versions) + 1
+    # retrieval skips what was shown: after more replies than one top-n holds, each still brings 3
+    # new items (filtering after the top-n cut ran dry after n/3 replies)
+    turns = services.retrieve_n // 3 + 2
+    assert len(hist) + 3 * (turns + 2) < len(dataset.items)
+    for k in range(turns):
+        s3 = graph.invoke({"user_id": uid, "history": hist, "messages": [HumanMessage(f"more, please ({k})")]},
+                          conf)
+    assert len(s3["shown"]) == 3 * (turns + 2) == len(set(s3["shown"]))
+    assert not set(s3["shown"]) & set(hist)
 
 
 def test_injected_control_tokens_never_reach_stored_summaries(services, dataset):
