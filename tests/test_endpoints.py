@@ -93,6 +93,34 @@ def _sigkill(server) -> None:
     server.proc.wait(30)
 
 
+def test_a_server_never_takes_a_port_another_server_listens_on(tmp_path):
+    """Two servers built before either starts can be handed the same free port; the second must not
+    take the first one's /health for its own (seen in a clean-clone run: both replicas had one URL)."""
+    import socket
+
+    from mllm_msr.models.vllm_server import ManagedVLLMServer
+
+    first = ManagedVLLMServer(tmp_path / "model", work_dir=tmp_path / "a")
+    second = ManagedVLLMServer(tmp_path / "model", work_dir=tmp_path / "b")
+    second.port = first.port  # what a free-port race hands out
+    with socket.socket() as listening:  # the first server is up
+        listening.bind((first.host, first.port))
+        listening.listen()
+        second._claim_port()
+        assert second.port != first.port and str(second.port) in second.log_path.name
+        fixed = ManagedVLLMServer(tmp_path / "model", port=first.port, work_dir=tmp_path / "c")
+        with pytest.raises(BackendError, match=f"port {first.port} .*in use"):
+            fixed._claim_port(wait_s=0)
+        first.restarts = 1  # a restart keeps its URL: it waits for the port, then refuses
+        with pytest.raises(BackendError, match="in use"):
+            first._claim_port(wait_s=0.6)
+    port = first.port
+    first._claim_port(wait_s=0)  # released: the restart goes ahead on the same port
+    assert first.port == port
+    for srv in (first, second, fixed):
+        srv.stop()
+
+
 @pytest.fixture(scope="module")
 def two_servers(tiny_idefics3, tmp_path_factory):
     from mllm_msr.models.vllm_server import ManagedVLLMServer

@@ -48,6 +48,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_free(host: str, port: int) -> bool:
+    """True when nothing listens on ``host:port`` now (a bind test; connections of a stopped
+    server left in TIME_WAIT do not count, as for the server's own SO_REUSEADDR bind)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def vllm_env(work_dir: Path, kv_cache_gib: float, extra: dict[str, str] | None = None
              ) -> dict[str, str]:
     """The environment both vLLM flavours need on this stack (offline, CPU KV cache size)."""
@@ -79,6 +91,7 @@ class ManagedVLLMServer:
         self.model_path = str(model_path)
         self.lora_modules = dict(lora_modules or {})
         self.host = host
+        self._auto_port = port is None  # chosen here: re-chosen at start() if taken meanwhile
         self.port = port or free_port(host)
         self.max_model_len = max_model_len
         self.dtype = dtype
@@ -135,6 +148,7 @@ class ManagedVLLMServer:
             return self
         if not (Path(self.model_path) / "config.json").exists():  # hub access is off: fail fast
             raise BackendError(f"{self.model_path} is not a local HF model folder (no config.json)")
+        self._claim_port()
         t0 = time.perf_counter()
         with open(self.log_path, self._log_mode) as log_f:
             self.proc = subprocess.Popen(self.command(), stdout=log_f, stderr=subprocess.STDOUT,
@@ -164,6 +178,23 @@ class ManagedVLLMServer:
         self._healthy = True
         log.info("vLLM server healthy after %.1fs", self.startup_s)
         return self
+
+    def _claim_port(self, wait_s: float = 10.0) -> None:
+        """Make sure nothing listens on our port before launching. Ports are picked when a server is
+        built, so another server started in between may own it now, and its /health would pass for
+        ours. A port picked here is picked again on the first start; a fixed port, or the port of a
+        restart (clients hold its URL), gets ``wait_s`` to be released and is then refused."""
+        if port_free(self.host, self.port):
+            return
+        if self._auto_port and not self.restarts:
+            self.port = free_port(self.host)
+            self.log_path = self.work_dir / f"vllm-server-{self.port}.log"
+            return
+        deadline = time.monotonic() + wait_s
+        while not port_free(self.host, self.port):
+            if time.monotonic() > deadline:
+                raise BackendError(f"port {self.port} on {self.host} is already in use")
+            time.sleep(0.5)
 
     def alive(self) -> bool:
         """True once the server answered /health, while its process runs (False while a
