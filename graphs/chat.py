@@ -43,7 +43,9 @@ def make_listen(s: Services):
 
 def make_retrieve_unseen(s: Services):
     """Retrieval that skips the history and everything this conversation has already shown, so each
-    reply brings new items (filtering after a top-n cut would run dry after a few replies)."""
+    reply brings new items (filtering after a top-n cut would run dry after a few replies).
+    Not ``nodes.make_retrieve`` with a parameter: LangGraph hands a node only the keys of the state
+    type its function is annotated with, and ``RecState`` has no ``shown`` (tried, the chat test fails)."""
     def retrieve_unseen(state: ChatState) -> dict:
         t0 = time.perf_counter()
         seen = set(state.get("history", [])) | set(state.get("shown", []))
